@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from tenfold.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""What every service builds on. Imports no service."""

@@ -1,0 +1,251 @@
+"""API keys with scopes, and the calling principal.
+
+A key reads `tf_<id>_<secret>`. Only SHA-256 of the secret is stored (the secret has 256 bits
+of entropy, so a slow hash adds nothing); the plaintext is shown once, at creation.
+Scopes are `<service>:read`, `<service>:write`, `<service>:admin`, or `*` for all;
+`admin` implies `write`, which implies `read`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
+from tenfold.kernel.http import Problem
+from tenfold.kernel.sql import metadata
+
+LEVELS = ("read", "write", "admin")
+KEY_PREFIX = "tf_"
+CACHE_SECONDS = 5.0  # a revoked key stops working everywhere within this bound
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("scopes", sa.Text, nullable=False),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+class Unauthorized(Problem):
+    def __init__(self, detail: str = "an API key is required") -> None:
+        super().__init__(
+            401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="tenfold"'}
+        )
+
+
+class Forbidden(Problem):
+    def __init__(self, scope: str) -> None:
+        super().__init__(
+            403, "forbidden", f"this API key lacks the scope {scope}", required_scope=scope
+        )
+
+
+def parse_scope(scope: str) -> tuple[str, str]:
+    if scope == "*":
+        return "*", "admin"
+    service, sep, level = scope.partition(":")
+    if not sep or not service or level not in LEVELS:
+        raise ValueError(f"invalid scope {scope!r}; expected <service>:read|write|admin or *")
+    return service, level
+
+
+def grants(held: frozenset[str], wanted: str) -> bool:
+    if "*" in held or wanted in held:
+        return True
+    service, level = parse_scope(wanted)
+    higher = LEVELS[LEVELS.index(level) + 1 :]
+    return any(f"{service}:{h}" in held for h in higher)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+    owner: str | None = None
+
+    def can(self, scope: str) -> bool:
+        return grants(self.scopes, scope)
+
+    @property
+    def subject(self) -> str:
+        """Who owns what this key creates."""
+        return self.owner or f"key:{self.key_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    key_id: str
+    name: str
+    scopes: tuple[str, ...]
+    owner: str | None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(plaintext: str) -> tuple[str, str] | None:
+    if not plaintext.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = plaintext[len(KEY_PREFIX) :].partition("_")
+    if not sep or not key_id or len(key_id) > 16 or len(secret) < 20:
+        return None
+    return key_id, secret
+
+
+@dataclass
+class KeyStore:
+    """API keys in SQL, with a short in-process cache on the verification path."""
+
+    engine: AsyncEngine
+    clock: Clock = SYSTEM_CLOCK
+    _cache: dict[str, tuple[float, str, Principal | None]] = field(default_factory=dict)
+
+    async def create(
+        self, name: str, scopes: list[str], owner: str | None = None
+    ) -> tuple[ApiKeyRecord, str]:
+        for scope in scopes:
+            parse_scope(scope)
+        if not scopes:
+            raise ValueError("a key needs at least one scope")
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        now = datetime.fromtimestamp(self.clock.now(), UTC)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    key_id=key_id,
+                    name=name,
+                    secret_hash=_hash(secret),
+                    scopes=orjson.dumps(sorted(set(scopes))).decode(),
+                    owner=owner,
+                    created_at=now,
+                )
+            )
+        record = ApiKeyRecord(key_id, name, tuple(sorted(set(scopes))), owner, now)
+        return record, f"{KEY_PREFIX}{key_id}_{secret}"
+
+    async def list(self, *, include_revoked: bool = False) -> list[ApiKeyRecord]:
+        query = sa.select(api_keys).order_by(api_keys.c.created_at, api_keys.c.key_id)
+        if not include_revoked:
+            query = query.where(api_keys.c.revoked_at.is_(None))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_record(row) for row in rows]
+
+    async def count_active(self) -> int:
+        query = sa.select(sa.func.count()).select_from(api_keys)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query.where(api_keys.c.revoked_at.is_(None)))).scalar())
+
+    async def revoke(self, key_id: str) -> bool:
+        now = datetime.fromtimestamp(self.clock.now(), UTC)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+        self._cache.pop(key_id, None)
+        return bool(result.rowcount)
+
+    def forget(self, key_id: str) -> None:
+        self._cache.pop(key_id, None)
+
+    async def verify(self, plaintext: str) -> Principal | None:
+        parts = split_key(plaintext)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        now = self.clock.now()
+        cached = self._cache.get(key_id)
+        if cached is None or cached[0] < now:
+            async with self.engine.connect() as conn:
+                row = (
+                    (await conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)))
+                    .mappings()
+                    .first()
+                )
+            if row is None or row["revoked_at"] is not None:
+                cached = (now + CACHE_SECONDS, "", None)
+            else:
+                record = _record(row)
+                principal = Principal(key_id, record.name, frozenset(record.scopes), record.owner)
+                cached = (now + CACHE_SECONDS, str(row["secret_hash"]), principal)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key_id] = cached
+        _, stored_hash, principal = cached
+        if principal is None or not hmac.compare_digest(stored_hash, _hash(secret)):
+            return None
+        return principal
+
+
+def _record(row: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row["key_id"],
+        name=row["name"],
+        scopes=tuple(orjson.loads(row["scopes"])),
+        owner=row["owner"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def key_from_headers(headers: Any) -> str | None:
+    """The presented key: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return str(value.strip())
+    key = headers.get("x-api-key")
+    return str(key).strip() if key else None
+
+
+Authenticator = Callable[[Any], Awaitable[Principal | None]]
+
+
+def require(scope: str) -> Any:
+    """A FastAPI dependency: the caller's key must hold `scope` (401 without a key, 403 without
+    the scope). The principal may already be on the request, set by the rate-limit guard."""
+    from fastapi import Depends, Request
+
+    parse_scope(scope)
+
+    async def dependency(request: Request) -> Principal:
+        state = request.scope.setdefault("state", {})
+        principal = state.get("principal")
+        if principal is None:
+            presented = key_from_headers(request.headers)
+            if presented is None:
+                raise Unauthorized()
+            keys: KeyStore = request.app.state.runtime.keys
+            principal = await keys.verify(presented)
+            if principal is None:
+                raise Unauthorized("the API key is invalid or revoked")
+            state["principal"] = principal
+        if not principal.can(scope):
+            raise Forbidden(scope)
+        return principal
+
+    dependency.required_scope = scope  # type: ignore[attr-defined]
+    return Depends(dependency)

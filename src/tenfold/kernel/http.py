@@ -1,0 +1,301 @@
+"""HTTP plumbing every service shares: RFC 9457 problems, request ids, body limits."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tenfold.kernel.errors import BackendUnavailable
+from tenfold.kernel.telemetry import observe_request
+
+log = structlog.get_logger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_BASE = "urn:tenfold:problem:"
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class Problem(Exception):
+    """An error answered as `application/problem+json` (RFC 9457); `kind` is its stable type."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+        self.title = title or _TITLES.get(status, "Error")
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance:
+            doc["instance"] = instance
+        doc.update(self.extra)
+        return doc
+
+
+class NotFound(Problem):
+    def __init__(self, what: str, key: object) -> None:
+        super().__init__(404, f"{what}-not-found", f"{what.replace('-', ' ')} {key} does not exist")
+
+
+class InvalidField(Problem):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(
+            422,
+            "validation-error",
+            f"{field}: {message}",
+            errors=[{"field": field, "message": message}],
+        )
+
+
+class Conflict(Problem):
+    def __init__(self, detail: str, kind: str = "conflict") -> None:
+        super().__init__(409, kind, detail)
+
+
+def problem_response(problem: Problem, request_id: str | None = None) -> Response:
+    headers = dict(problem.headers)
+    body = problem.body()
+    if request_id:
+        body["request_id"] = request_id
+    return Response(
+        orjson.dumps(body), problem.status, headers=headers, media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+def _request_id(request: Request) -> str | None:
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def _field_path(loc: Iterable[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(exc, _request_id(request))
+
+
+async def _on_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(err.get("type") == "json_invalid" for err in errors):
+        problem = Problem(400, "malformed-json", "the request body is not valid JSON")
+    else:
+        fields = [
+            {"field": _field_path(err.get("loc", ())), "message": str(err.get("msg", ""))}
+            for err in errors
+        ]
+        first = fields[0] if fields else {"field": "body", "message": "invalid"}
+        problem = Problem(
+            422, "validation-error", f"{first['field']}: {first['message']}", errors=fields
+        )
+    return problem_response(problem, _request_id(request))
+
+
+async def _on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    kinds = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}
+    problem = Problem(
+        exc.status_code,
+        kinds.get(exc.status_code, f"http-{exc.status_code}"),
+        str(exc.detail),
+        headers=dict(exc.headers or {}),
+    )
+    return problem_response(problem, _request_id(request))
+
+
+async def _on_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("http.backend_unavailable", error=str(exc))
+    problem = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
+    return problem_response(problem, _request_id(request))
+
+
+async def _on_crash(request: Request, exc: Exception) -> Response:
+    log.exception("http.unhandled", path=request.url.path)
+    problem = Problem(500, "internal-error", "an unexpected error occurred; see the server log")
+    return problem_response(problem, _request_id(request))
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(BackendUnavailable, _on_unavailable)
+    app.add_exception_handler(Exception, _on_crash)
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _raw_problem(status: int, kind: str, detail: str, request_id: str) -> tuple[bytes, list[Any]]:
+    body = Problem(status, kind, detail).body()
+    body["request_id"] = request_id
+    payload = orjson.dumps(body)
+    headers = [
+        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+        (b"content-length", str(len(payload)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    return payload, headers
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+
+
+class EdgeMiddleware:
+    """One lean ASGI layer: request id in and out, body size limit, JSON content type,
+    and the request count / latency metrics per route template."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        raw_body_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.raw_body_prefixes = raw_body_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = ""
+        content_type = b""
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID.match(candidate):
+                    request_id = candidate
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    content_length = -1
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status_holder = [500]
+        method = scope["method"]
+        rid = request_id.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        try:
+            rejection = self._reject(method, scope["path"], content_type, content_length)
+            if rejection is not None:
+                status, kind, detail = rejection
+                await self._send_raw(send_with_id, status, kind, detail, request_id)
+                return
+            limited_receive = receive
+            if method in _BODY_METHODS:
+                limited_receive = self._limited(receive)
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except _BodyTooLarge:
+                await self._send_raw(
+                    send_with_id, 413, "body-too-large", self._too_large(), request_id
+                )
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            observe_request(method, template, status_holder[0], time.perf_counter() - started)
+
+    def _too_large(self) -> str:
+        return f"the request body exceeds the limit of {self.max_body_bytes} bytes"
+
+    def _reject(
+        self, method: str, path: str, content_type: bytes, content_length: int
+    ) -> tuple[int, str, str] | None:
+        if method not in _BODY_METHODS:
+            return None
+        if content_length > self.max_body_bytes:
+            return 413, "body-too-large", self._too_large()
+        if content_length == 0 or path.startswith(self.raw_body_prefixes):
+            return None
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media and media != b"application/json" and not media.endswith(b"+json"):
+            return (
+                415,
+                "unsupported-media-type",
+                f"expected Content-Type application/json, got {media.decode('latin-1')}",
+            )
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        return wrapped
+
+    async def _send_raw(self, send: Send, status: int, kind: str, detail: str, rid: str) -> None:
+        payload, headers = _raw_problem(status, kind, detail, rid)
+        headers = [h for h in headers if h[0] != b"x-request-id"]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,141 @@
+"""One Settings object: `TENFOLD_*` environment variables, then `tenfold.toml`, then defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tenfold import SERVICES
+
+Csv = Annotated[list[str], NoDecode]
+
+
+class SettingsError(Exception):
+    """The configuration is invalid; the message names the variable and the expected form."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TENFOLD_",
+        toml_file=os.environ.get("TENFOLD_CONFIG", "tenfold.toml"),
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path(".tenfold")
+    database_url: str = ""  # empty: SQLite file in data_dir
+    redis_url: str = ""  # empty: in-process memory backends
+    redis_prefix: str = "tf"
+    services: Csv = Field(default_factory=lambda: list(SERVICES))
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)  # 1 MiB
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    auto_migrate: bool | None = None  # None: migrate on serve in embedded mode only
+    create_admin_key: bool = True
+
+    # Rate limiting of tenfold's own API.
+    ratelimit_guard: bool = True
+    ratelimit_anonymous_limit: int = Field(default=60, ge=1)  # per IP, per window
+    ratelimit_anonymous_window: int = Field(default=60, ge=1, le=86_400)  # seconds
+    ratelimit_limit_public: bool = False  # also limit redirects and health checks
+    ratelimit_trusted_proxies: Csv = Field(default_factory=list)
+    ratelimit_legacy_headers: bool = False
+    ratelimit_replicas: int = Field(default=1, ge=1)  # for the `local` Redis-outage mode
+    ratelimit_events_sample: float = Field(default=0.01, ge=0.0, le=1.0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @field_validator("services", "ratelimit_trusted_proxies", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in SERVICES]
+        if unknown:
+            raise ValueError(
+                f"unknown service {unknown[0]!r}; expected a comma-separated list of: "
+                + ", ".join(SERVICES)
+            )
+        if not value:
+            raise ValueError("no service named; expected at least one of: " + ", ".join(SERVICES))
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql", "postgres")):
+            raise ValueError("expected sqlite:///path or postgresql://user@host:port/db")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://host:port/db (or leave unset for memory)")
+        return value
+
+    @field_validator("ratelimit_trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP network; expected e.g. 10.0.0.0/8,127.0.0.1"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'tenfold.db').as_posix()}"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_migrate_on_serve(self) -> bool:
+        return self.embedded if self.auto_migrate is None else self.auto_migrate
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one readable line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "settings"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"TENFOLD_{field.upper()}: {message}") from None
