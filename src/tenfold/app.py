@@ -21,7 +21,14 @@ from tenfold.settings import Settings, load_settings
 
 log = structlog.get_logger(__name__)
 
-PUBLIC_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect")
+PUBLIC_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+)
 
 
 def load_mounts(runtime: Runtime) -> list[Mount]:
@@ -97,6 +104,10 @@ def build_app(
     )
     app.state.runtime = runtime
     mounts.extend(load_mounts(runtime))
+    if settings.ratelimit_guard:
+        from tenfold.ratelimit.middleware import guard_mount
+
+        mounts.append(guard_mount(runtime, lambda: public_paths(app)))
     install_problem_handlers(app)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")

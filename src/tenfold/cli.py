@@ -58,7 +58,9 @@ def _migrate(settings: Settings) -> None:
         with console.status("applying migrations…"):
             sql.upgrade(settings.database_url)
     except MigrationError as exc:
-        raise fail(f"{exc}\n  the database is unchanged; run `tenfold doctor` for details") from None
+        raise fail(
+            f"{exc}\n  the database is unchanged; run `tenfold doctor` for details"
+        ) from None
 
 
 def _check_backends(settings: Settings) -> None:

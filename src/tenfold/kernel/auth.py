@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
@@ -227,8 +228,6 @@ Authenticator = Callable[[Any], Awaitable[Principal | None]]
 def require(scope: str) -> Any:
     """A FastAPI dependency: the caller's key must hold `scope` (401 without a key, 403 without
     the scope). The principal may already be on the request, set by the rate-limit guard."""
-    from fastapi import Depends, Request
-
     parse_scope(scope)
 
     async def dependency(request: Request) -> Principal:

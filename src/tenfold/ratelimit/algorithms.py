@@ -18,7 +18,7 @@ MAX_EXACT = 2**53
 
 
 class Algorithm(StrEnum):
-    TOKEN_BUCKET = "token_bucket"
+    TOKEN_BUCKET = "token_bucket"  # noqa: S105 - not a secret
     GCRA = "gcra"
     FIXED_WINDOW = "fixed_window"
     SLIDING_WINDOW = "sliding_window"  # exact sliding-window log
@@ -139,7 +139,9 @@ def token_bucket(
 GcraState = tuple[int, int]
 
 
-def gcra(limit: Limit, state: GcraState | None, now: int, weight: int) -> tuple[Decision, GcraState]:
+def gcra(
+    limit: Limit, state: GcraState | None, now: int, weight: int
+) -> tuple[Decision, GcraState]:
     w, rate = limit.window_ms, limit.rate
     tolerance = limit.burst * w  # in 1/rate ms
     diff = 0

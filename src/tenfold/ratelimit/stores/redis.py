@@ -13,7 +13,9 @@ from tenfold.ratelimit.store import Probe
 CHECK_LUA = (Path(__file__).parent / "lua" / "check.lua").read_text()
 
 
-def _args(probes: Sequence[Probe], now_ms: int, weight: int, commit: bool) -> tuple[list[str], list[Any]]:
+def _args(
+    probes: Sequence[Probe], now_ms: int, weight: int, commit: bool
+) -> tuple[list[str], list[Any]]:
     keys: list[str] = []
     args: list[Any] = [now_ms, weight, 1 if commit else 0, len(probes)]
     for probe in probes:
@@ -33,9 +35,7 @@ def _args(probes: Sequence[Probe], now_ms: int, weight: int, commit: bool) -> tu
 
 
 def _decisions(reply: Any) -> list[Decision]:
-    return [
-        Decision(bool(int(r[0])), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in reply
-    ]
+    return [Decision(bool(int(r[0])), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in reply]
 
 
 class RedisCounterStore:

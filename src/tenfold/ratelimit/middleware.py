@@ -1,0 +1,245 @@
+"""Rate limiting for any ASGI app: 429 + problem+json + Retry-After, and the IETF
+`RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers) on every
+limited response. Also the guard in front of tenfold's own API."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tenfold.kernel.auth import key_from_headers
+from tenfold.kernel.errors import BackendUnavailable
+from tenfold.kernel.http import PROBLEM_CONTENT_TYPE, Problem
+from tenfold.kernel.runtime import Mount, Runtime
+from tenfold.ratelimit.algorithms import Algorithm, Decision, Limit
+from tenfold.ratelimit.limiter import RateLimiter
+from tenfold.ratelimit.models import CheckContext
+from tenfold.ratelimit.stores.memory import MemoryCounterStore
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the middleware reports for one request under one (deciding) policy."""
+
+    policy: str
+    decision: Decision
+    window_s: int
+
+
+Decide = Callable[[Scope], Awaitable[Verdict | None]]
+
+
+def _sf_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def verdict_headers(verdict: Verdict, legacy: bool = False) -> list[tuple[bytes, bytes]]:
+    d = verdict.decision
+    name = _sf_string(verdict.policy)
+    reset_s = max(0, math.ceil(d.reset_ms / 1000))
+    headers = [
+        (b"ratelimit-policy", f"{name};q={d.limit};w={verdict.window_s}".encode()),
+        (b"ratelimit", f"{name};r={max(0, d.remaining)};t={reset_s}".encode()),
+    ]
+    if legacy:
+        headers += [
+            (b"x-ratelimit-limit", str(d.limit).encode()),
+            (b"x-ratelimit-remaining", str(max(0, d.remaining)).encode()),
+            (b"x-ratelimit-reset", str(reset_s).encode()),
+        ]
+    if not d.allowed:
+        headers.append((b"retry-after", str(max(1, math.ceil(d.retry_ms / 1000))).encode()))
+    return headers
+
+
+class RateLimitMiddleware:
+    """Wraps an ASGI app; `decide` returns the deciding verdict, or None for "not limited"."""
+
+    def __init__(self, app: ASGIApp, decide: Decide, *, legacy_headers: bool = False) -> None:
+        self.app = app
+        self.decide = decide
+        self.legacy_headers = legacy_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        verdict = await self.decide(scope)
+        if verdict is None:
+            await self.app(scope, receive, send)
+            return
+        headers = verdict_headers(verdict, self.legacy_headers)
+        if not verdict.decision.allowed:
+            retry = verdict.decision.retry_ms / 1000
+            problem = Problem(
+                429,
+                "rate-limited",
+                f"rate limit {verdict.policy!r} exceeded; retry in {retry:g} s",
+                retry_after=retry,
+                policy=verdict.policy,
+            )
+            body = orjson.dumps(problem.body())
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 429,
+                    "headers": [
+                        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                        (b"content-length", str(len(body)).encode()),
+                        *headers,
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @classmethod
+    def for_limit(
+        cls,
+        app: ASGIApp,
+        limit: Limit,
+        *,
+        limiter: RateLimiter | None = None,
+        key: str | Callable[[Scope], str | None] = "ip",
+        name: str = "default",
+        trusted_proxies: Sequence[str] = (),
+        legacy_headers: bool = False,
+    ) -> RateLimitMiddleware:
+        """One limit for a whole app, keyed by client IP, API key, or a function of the scope."""
+        limiter = limiter or RateLimiter()
+        networks = parse_networks(trusted_proxies)
+        window_s = limit.window_ms // 1000
+
+        def identity(scope: Scope) -> str | None:
+            if callable(key):
+                return key(scope)
+            if key == "api_key":
+                return key_from_headers(_Headers(scope))
+            return client_ip(scope, networks)
+
+        async def decide(scope: Scope) -> Verdict | None:
+            who = identity(scope)
+            if who is None:
+                return None
+            return Verdict(name, await limiter.ahit(limit, who), window_s)
+
+        return cls(app, decide, legacy_headers=legacy_headers)
+
+
+class _Headers:
+    """Just enough of a headers mapping over a raw ASGI scope."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._items = scope.get("headers", ())
+
+    def get(self, name: str) -> str | None:
+        wanted = name.lower().encode()
+        for k, v in self._items:
+            if k == wanted:
+                return str(v.decode("latin-1"))
+        return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(i, strict=False) for i in items)
+
+
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
+    """The peer address; through trusted proxies, the right-most untrusted X-Forwarded-For hop."""
+    client = scope.get("client")
+    peer = client[0] if client else None
+    if peer is None or not trusted or not _trusted(peer, trusted):
+        return peer
+    forwarded = _Headers(scope).get("x-forwarded-for")
+    if not forwarded:
+        return peer
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def guard(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Callable[[ASGIApp], ASGIApp]:
+    """tenfold's own API guard: anonymous calls limited per IP; a key only by its policies."""
+    from tenfold.ratelimit.api import service_for
+
+    settings = runtime.settings
+    service = service_for(runtime)
+    networks = parse_networks(settings.ratelimit_trusted_proxies)
+    anonymous = Limit.of(
+        Algorithm.SLIDING_WINDOW_COUNTER,
+        settings.ratelimit_anonymous_limit,
+        settings.ratelimit_anonymous_window,
+    )
+    shared = RateLimiter(service.counters, clock=runtime.clock, prefix=settings.redis_prefix)
+    local = RateLimiter(MemoryCounterStore(), clock=runtime.clock, prefix=settings.redis_prefix)
+    public_prefixes = ("/r/",)
+    limit_public = settings.ratelimit_limit_public
+    cache: dict[str, set[str]] = {}
+
+    async def decide(scope: Scope) -> Verdict | None:
+        path: str = scope["path"]
+        if not limit_public:
+            public = cache.get("paths")
+            if public is None:
+                public = cache["paths"] = public_paths()
+            if path in public or path.startswith(public_prefixes):
+                return None
+        presented = key_from_headers(_Headers(scope))
+        if presented:
+            principal = await runtime.keys.verify(presented)
+            if principal is not None:
+                scope.setdefault("state", {})["principal"] = principal
+                ctx = CheckContext(client_id=f"key:{principal.key_id}", resource=path)
+                result = await service.check(ctx, assigned_only=True)
+                if result.deciding is None:
+                    return None
+                d = result.deciding
+                return Verdict(d.policy.name, d.decision, d.policy.time_window)
+        ip = client_ip(scope, networks) or "unknown"
+        try:
+            decision = await shared.ahit(anonymous, f"guard-ip:{ip}")
+        except BackendUnavailable:
+            decision = await local.ahit(anonymous, f"guard-ip:{ip}")
+        return Verdict("anonymous", decision, settings.ratelimit_anonymous_window)
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        return RateLimitMiddleware(app, decide, legacy_headers=settings.ratelimit_legacy_headers)
+
+    return wrap
+
+
+def guard_mount(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Mount:
+    from tenfold.ratelimit.api import service_for, start_hooks
+
+    on_start, on_stop = start_hooks(runtime, service_for(runtime))
+    return Mount(
+        name="ratelimit-guard",
+        on_start=[on_start],
+        on_stop=[on_stop],
+        wrap=guard(runtime, public_paths),
+    )
