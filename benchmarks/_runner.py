@@ -127,6 +127,7 @@ def timing_result(
     **extra: Any,
 ) -> dict[str, Any]:
     """A record from two in-process timings (either may be missing after an error)."""
+    either = ours or theirs
     return result(
         scenario,
         ours.ops_per_s if ours else None,
@@ -136,7 +137,7 @@ def timing_result(
         theirs.ops_per_s if theirs else None,
         peer_p50_ms=theirs.p50_ms if theirs else None,
         peer_p99_ms=theirs.p99_ms if theirs else None,
-        calls=(ours or theirs).calls if (ours or theirs) else None,
+        calls=either.calls if either else None,
         allowed_share=ours.allowed_share if ours else None,
         peer_allowed_share=theirs.allowed_share if theirs else None,
         **extra,

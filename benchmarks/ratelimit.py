@@ -79,6 +79,19 @@ def attempt(fn: Callable[[], T]) -> tuple[T | None, str | None]:
         return None, message
 
 
+def both(
+    ours: Callable[[], T], theirs: Callable[[], T], *, ours_first: bool
+) -> tuple[T | None, str | None, T | None, str | None]:
+    """Measure both sides, alternating which goes first from pair to pair (less order bias)."""
+    if ours_first:
+        mine, err = attempt(ours)
+        other, peer_err = attempt(theirs)
+    else:
+        other, peer_err = attempt(theirs)
+        mine, err = attempt(ours)
+    return mine, err, other, peer_err
+
+
 def join_errors(*errors: str | None) -> str | None:
     found = [e for e in errors if e]
     return "; ".join(found) if found else None
@@ -118,8 +131,11 @@ def limits_check(strategy: str, url: str | None, prefix: str) -> Iterator[Check]
         yield lambda key: hit(item, key)
     finally:
         if isinstance(storage, MemoryStorage):
-            storage.reset()
+            # Stop its expiry timer before clearing, or the timer may race the clear.
             storage.timer.cancel()
+            if storage.timer.is_alive():
+                storage.timer.join(timeout=5)
+            storage.reset()
 
 
 # --- Redis command counting ----------------------------------------------------------------
@@ -147,7 +163,7 @@ def _count_round_trips() -> Iterator[list[int]]:
     from redis.connection import AbstractConnection
 
     counter = [0]
-    original = AbstractConnection.send_packed_command
+    original: Callable[..., None] = AbstractConnection.send_packed_command
 
     def counting(self: Any, command: Any, check_health: bool = True) -> None:
         counter[0] += 1
@@ -207,7 +223,7 @@ def delete_prefix(client: Any, prefix: str) -> int:
 def memory_results(quick: bool) -> list[dict[str, Any]]:
     sizes = memory_sizes(quick)
     records = []
-    for name, algorithm, strategy, peer in PAIRS:
+    for index, (name, algorithm, strategy, peer) in enumerate(PAIRS):
         log(f"ratelimit: memory {name} vs {peer}")
 
         def ours(algorithm: str = algorithm) -> Timing:
@@ -222,8 +238,7 @@ def memory_results(quick: bool) -> list[dict[str, Any]]:
                     check, KEYS, calls=sizes.calls, sample=sizes.sample, warmup=sizes.warmup
                 )
 
-        mine, err = attempt(ours)
-        other, peer_err = attempt(theirs)
+        mine, err, other, peer_err = both(ours, theirs, ours_first=index % 2 == 0)
         records.append(
             timing_result(
                 f"memory-{name}",
@@ -253,7 +268,7 @@ def redis_results(quick: bool) -> list[dict[str, Any]]:
             for name, _, _, peer in PAIRS
         ]
     try:
-        for name, algorithm, strategy, peer in PAIRS:
+        for index, (name, algorithm, strategy, peer) in enumerate(PAIRS):
             log(f"ratelimit: redis {name} vs {peer}")
 
             # Each pair has its own prefix: limits' strategies share key names for one item.
@@ -271,8 +286,7 @@ def redis_results(quick: bool) -> list[dict[str, Any]]:
                     )
                     return timing, count_commands(client, check)
 
-            mine, err = attempt(ours)
-            other, peer_err = attempt(theirs)
+            mine, err, other, peer_err = both(ours, theirs, ours_first=index % 2 == 0)
             records.append(
                 timing_result(
                     f"redis-{name}",

@@ -36,7 +36,8 @@ class RateLimiter:
             return cls(clock=clock, prefix=prefix)
         from tenfold.ratelimit.stores.redis import RedisCounterStore
 
-        return cls(RedisCounterStore(RedisKV(url, prefix, clock)), clock=clock, prefix=prefix)
+        store = RedisCounterStore(RedisKV(url, prefix, clock), owns_kv=True)
+        return cls(store, clock=clock, prefix=prefix)
 
     def key(self, limit: Limit, key: str) -> str:
         return f"{self.prefix}:rl:{{{key}}}:{limit.algorithm}:{limit.rate}:{limit.window_ms}"

@@ -41,8 +41,9 @@ def _decisions(reply: Any) -> list[Decision]:
 class RedisCounterStore:
     """Counter states in Redis; async through the kernel's RedisKV, sync through redis-py."""
 
-    def __init__(self, kv: RedisKV) -> None:
+    def __init__(self, kv: RedisKV, *, owns_kv: bool = False) -> None:
         self.kv = kv
+        self.owns_kv = owns_kv
         self._script = kv.script(CHECK_LUA)
         self._sync_client: Any = None
         self._sync_script: Any = None
@@ -79,3 +80,5 @@ class RedisCounterStore:
 
     async def aclose(self) -> None:
         self.close()
+        if self.owns_kv:
+            await self.kv.close()
