@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import make_url
@@ -25,6 +27,7 @@ metadata = MetaData(
 """Every service declares its tables on this one MetaData."""
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+T = TypeVar("T")
 
 
 def async_url(url: str) -> str:
@@ -104,12 +107,22 @@ def _alembic_config(url: str, extra_locations: list[Path] | None = None) -> Any:
     return cfg
 
 
+def _outside_loop(fn: Callable[[], T]) -> T:
+    """Run blocking `fn` here, or in a worker thread when this thread runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
 def upgrade(url: str, revision: str = "heads", extra_locations: list[Path] | None = None) -> None:
-    """Apply migrations up to `revision` (blocking; call from outside an event loop)."""
+    """Apply migrations up to `revision` (blocking), all in one transaction."""
     from alembic import command
 
     try:
-        command.upgrade(_alembic_config(url, extra_locations), revision)
+        _outside_loop(lambda: command.upgrade(_alembic_config(url, extra_locations), revision))
     except Exception as exc:
         raise MigrationError(f"migration failed: {type(exc).__name__}: {exc}") from exc
 
@@ -132,7 +145,7 @@ def current_revision(url: str) -> str | None:
         finally:
             await engine.dispose()
 
-    return asyncio.run(_read())
+    return _outside_loop(lambda: asyncio.run(_read()))
 
 
 def head_revision() -> str:

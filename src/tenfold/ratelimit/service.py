@@ -274,7 +274,7 @@ class RateLimitService:
         policies, limits, probes = self.probes(ctx)
         if not probes:
             return CheckResult(True, (), None)
-        decisions, degraded = await self._decide(policies, probes, self.clock.now_ms(), 1, False)
+        decisions, degraded = await self._decide(policies, probes, self.clock.now_ms(), 0, False)
         return self._summarise(policies, limits, decisions, degraded)
 
     async def _decide(
