@@ -40,8 +40,17 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -76,7 +85,10 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def test_failure_modes_follow_each_policy_and_recover(
-    private_redis: RedisServer, tmp_path: Path, sqlite_template: Any, admin_key_of: Any,
+    private_redis: RedisServer,
+    tmp_path: Path,
+    sqlite_template: Any,
+    admin_key_of: Any,
     clock: ManualClock,
 ) -> None:
     settings = make_settings(
@@ -91,12 +103,20 @@ async def test_failure_modes_follow_each_policy_and_recover(
         for name, mode in (("open", "fail_open"), ("closed", "fail_closed"), ("local", "local")):
             r = await client.post(
                 "/api/v1/policies",
-                json={"name": name, "algorithm": "fixed_window", "rate_limit": 4,
-                      "time_window": 60, "failure_mode": mode, "tier": name},
+                json={
+                    "name": name,
+                    "algorithm": "fixed_window",
+                    "rate_limit": 4,
+                    "time_window": 60,
+                    "failure_mode": mode,
+                    "tier": name,
+                },
                 headers=key,
             )
             assert r.status_code == 201
-            await client.put(f"/api/v1/tiers/{name}/clients", json={"client_ids": [name]}, headers=key)
+            await client.put(
+                f"/api/v1/tiers/{name}/clients", json={"client_ids": [name]}, headers=key
+            )
 
         async def check(client_id: str) -> dict[str, Any]:
             body = {"client_id": client_id, "api_key": "", "resource": "/"}

@@ -58,8 +58,19 @@ async def two_servers(stack: dict[str, Any], tmp_path: Any) -> AsyncIterator[tup
     procs, urls = [], []
     for _ in range(2):
         port = free_port()
-        cmd = [sys.executable, "-m", "uvicorn", "tenfold.app:build_app", "--factory",
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "tenfold.app:build_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
         procs.append(subprocess.Popen(cmd, env=env))
         urls.append(f"http://127.0.0.1:{port}")
     try:
@@ -80,8 +91,13 @@ async def test_exactly_the_limit_is_admitted_across_processes(
     async with httpx.AsyncClient(headers=headers, timeout=30) as client:
         r = await client.post(
             f"{a}/api/v1/policies",
-            json={"name": "hundred", "algorithm": "sliding_window", "rate_limit": 100,
-                  "time_window": 60, "applies_to_all": True},
+            json={
+                "name": "hundred",
+                "algorithm": "sliding_window",
+                "rate_limit": 100,
+                "time_window": 60,
+                "applies_to_all": True,
+            },
         )
         assert r.status_code == 201
         policy_id = r.json()["policy_id"]
