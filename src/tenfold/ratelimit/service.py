@@ -112,6 +112,15 @@ class PolicyBook:
         self.by_client: dict[str, list[Assignment]] = {}
         for a in assignments:
             self.by_client.setdefault(a.client_id, []).append(a)
+        self._limits: dict[tuple[int, int | None], Limit] = {}
+
+    def limit(self, policy: Policy, override: int | None) -> Limit:
+        """The policy's validated limit (with an assignment's override), built once."""
+        cache_key = (policy.policy_id, override)
+        limit = self._limits.get(cache_key)
+        if limit is None:
+            limit = self._limits[cache_key] = policy.limit(override)
+        return limit
 
     def resolve(
         self, ctx: CheckContext, at: datetime, *, assigned_only: bool = False
@@ -212,6 +221,7 @@ class RateLimitService:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
         self._pending: list[tuple[tuple[Probe, ...], int, int]] = []
         self._reload_lock = asyncio.Lock()
+        self._counters: dict[tuple[str, str], Any] = {}
 
     # -- policies -------------------------------------------------------------------------
 
@@ -232,13 +242,14 @@ class RateLimitService:
     def probes(
         self, ctx: CheckContext, *, assigned_only: bool = False
     ) -> tuple[list[Policy], list[Limit], list[Probe]]:
+        book = self.book
         at = datetime.fromtimestamp(self.clock.now(), UTC)
         chosen, limits, probes = [], [], []
-        for policy, override in self.book.resolve(ctx, at, assigned_only=assigned_only):
+        for policy, override in book.resolve(ctx, at, assigned_only=assigned_only):
             subject = ctx.subject(policy.key_by)
             if subject is None:
                 continue
-            limit = policy.limit(override)
+            limit = book.limit(policy, override)
             key = f"{self.prefix}:rl:{{p{policy.policy_id}|{subject}}}:{limit.algorithm}"
             chosen.append(policy)
             limits.append(limit)
@@ -359,6 +370,7 @@ class RateLimitService:
         return CheckResult(True, applied, deciding, degraded)
 
     def _observe(self, ctx: CheckContext, result: CheckResult) -> None:
+        counters = self._counters
         for a in result.applied:
             name = a.policy.name
             d = a.decision
@@ -368,7 +380,10 @@ class RateLimitService:
                     NEAR_LIMIT.labels(name).inc()
             else:
                 outcome = "shadow_denied" if a.policy.shadow else "denied"
-            DECISIONS.labels(name, outcome).inc()
+            child = counters.get((name, outcome))
+            if child is None:
+                child = counters[(name, outcome)] = DECISIONS.labels(name, outcome)
+            child.inc()
             if self.events_sample and (
                 outcome != "allowed" or self.rng.random() < self.events_sample
             ):
