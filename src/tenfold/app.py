@@ -14,7 +14,13 @@ from starlette.types import ASGIApp
 
 from tenfold import __version__
 from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
-from tenfold.kernel.http import EdgeMiddleware, Problem, install_problem_handlers, problem_response
+from tenfold.kernel.http import (
+    EdgeMiddleware,
+    FastLane,
+    Problem,
+    document_problems,
+    install_problem_handlers,
+)
 from tenfold.kernel.runtime import Mount, Runtime, ensure_admin_key
 from tenfold.kernel.telemetry import render_metrics
 from tenfold.settings import Settings, load_settings
@@ -28,6 +34,7 @@ PUBLIC_PATHS = (
     "/openapi.json",
     "/docs",
     "/docs/oauth2-redirect",
+    "/redoc",
 )
 
 
@@ -50,12 +57,15 @@ class App(FastAPI):
 
     def wrap(self) -> ASGIApp:
         settings = self.runtime.settings
-        inner: ASGIApp = super().__call__
+        inner: ASGIApp = FastLane(super().__call__, [r for m in self.mounts for r in m.lean_routes])
         for mount in self.mounts:
             if mount.wrap is not None:
                 inner = mount.wrap(inner)
         raw = tuple(p for m in self.mounts for p in m.raw_body_prefixes)
         return EdgeMiddleware(inner, max_body_bytes=settings.max_body_bytes, raw_body_prefixes=raw)
+
+    def openapi(self) -> dict[str, Any]:
+        return document_problems(super().openapi())
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if self._outer is None:
@@ -125,8 +135,7 @@ def build_app(
         if all(v == "ok" for v in results.values()):
             return JSONResponse({"status": "ok", "checks": results})
         failing = ", ".join(k for k, v in results.items() if v != "ok")
-        problem = Problem(503, "not-ready", f"backends not answering: {failing}", checks=results)
-        return problem_response(problem)
+        raise Problem(503, "not-ready", f"backends not answering: {failing}", checks=results)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:

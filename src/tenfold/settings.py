@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,10 +26,17 @@ class SettingsError(Exception):
     """The configuration is invalid; the message names the variable and the expected form."""
 
 
+DEFAULT_CONFIG_FILE = "tenfold.toml"
+
+
+def config_file() -> Path:
+    """The TOML file settings are read from: `TENFOLD_CONFIG`, else ./tenfold.toml if present."""
+    return Path(os.environ.get("TENFOLD_CONFIG") or DEFAULT_CONFIG_FILE)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TENFOLD_",
-        toml_file=os.environ.get("TENFOLD_CONFIG", "tenfold.toml"),
         extra="forbid",
         validate_default=True,
     )
@@ -67,7 +75,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
+        return (init_settings, env_settings, toml)
 
     @field_validator("services", "ratelimit_trusted_proxies", mode="before")
     @classmethod
@@ -116,6 +125,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _workers_share_counters(self) -> Settings:
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                "workers: more than one worker needs TENFOLD_REDIS_URL so counters are shared; "
+                "expected 1 or a Redis URL"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _default_database(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'tenfold.db').as_posix()}"
@@ -132,10 +150,21 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning validation errors into one readable line."""
+    path = config_file()
+    if os.environ.get("TENFOLD_CONFIG") and not path.is_file():
+        raise SettingsError(f"TENFOLD_CONFIG: {path} is not a file; expected a path to a TOML file")
     try:
         return Settings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"TENFOLD_CONFIG: {path} is not valid TOML ({exc})") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "settings"
+        if err["type"] == "extra_forbidden":
+            raise SettingsError(
+                f"TENFOLD_CONFIG: {path} has an unknown setting {field!r}"
+            ) from None
         message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across fields names its field as "field: message"
+            field, _, message = message.partition(": ")
         raise SettingsError(f"TENFOLD_{field.upper()}: {message}") from None

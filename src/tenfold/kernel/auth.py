@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
@@ -178,7 +179,7 @@ class KeyStore:
         key_id, secret = parts
         now = self.clock.now()
         cached = self._cache.get(key_id)
-        if cached is None or cached[0] < now:
+        if cached is None or cached[0] <= now:
             async with self.engine.connect() as conn:
                 row = (
                     (await conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)))
@@ -224,27 +225,50 @@ def key_from_headers(headers: Any) -> str | None:
 
 Authenticator = Callable[[Any], Awaitable[Principal | None]]
 
+# Declared for the OpenAPI document (and the "Authorize" button of /docs); either one will do.
+# The key itself is read by `key_from_headers`, the same function the rate-limit guard uses.
+BEARER = HTTPBearer(
+    scheme_name="bearerKey",
+    description="An API key: `Authorization: Bearer <key>`",
+    auto_error=False,
+)
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="apiKeyHeader",
+    description="An API key: `X-API-Key: <key>`",
+    auto_error=False,
+)
+
+
+async def authenticate(asgi_scope: Any, headers: Any, keys: KeyStore, scope: str) -> Principal:
+    """The caller's principal, which must hold `scope`; cached on the ASGI scope's state."""
+    state = asgi_scope.setdefault("state", {})
+    principal = state.get("principal")
+    if principal is None:
+        presented = key_from_headers(headers)
+        if presented is None:
+            raise Unauthorized()
+        principal = await keys.verify(presented)
+        if principal is None:
+            raise Unauthorized("the API key is invalid or revoked")
+        state["principal"] = principal
+    if not principal.can(scope):
+        raise Forbidden(scope)
+    return principal
+
 
 def require(scope: str) -> Any:
     """A FastAPI dependency: the caller's key must hold `scope` (401 without a key, 403 without
     the scope). The principal may already be on the request, set by the rate-limit guard."""
     parse_scope(scope)
 
-    async def dependency(request: Request) -> Principal:
-        state = request.scope.setdefault("state", {})
-        principal = state.get("principal")
-        if principal is None:
-            presented = key_from_headers(request.headers)
-            if presented is None:
-                raise Unauthorized()
-            keys: KeyStore = request.app.state.runtime.keys
-            principal = await keys.verify(presented)
-            if principal is None:
-                raise Unauthorized("the API key is invalid or revoked")
-            state["principal"] = principal
-        if not principal.can(scope):
-            raise Forbidden(scope)
-        return principal
+    async def dependency(
+        request: Request,
+        _bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
+        _header: str | None = Security(API_KEY_HEADER),
+    ) -> Principal:
+        keys: KeyStore = request.app.state.runtime.keys
+        return await authenticate(request.scope, request.headers, keys, scope)
 
     dependency.required_scope = scope  # type: ignore[attr-defined]
     return Depends(dependency)

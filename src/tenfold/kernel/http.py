@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -226,7 +227,7 @@ class EdgeMiddleware:
                 except ValueError:
                     content_length = -1
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(12).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         status_holder = [500]
         method = scope["method"]
@@ -299,3 +300,183 @@ class EdgeMiddleware:
         headers = [h for h in headers if h[0] != b"x-request-id"]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+class RawHeaders:
+    """Just enough of a headers mapping over a raw ASGI scope (no per-request dict)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, scope: Scope) -> None:
+        self._items = scope.get("headers", ())
+
+    def get(self, name: str) -> str | None:
+        wanted = name.lower().encode()
+        for k, v in self._items:
+            if k == wanted:
+                return str(v.decode("latin-1"))
+        return None
+
+
+LeanResult = tuple[int, bytes, list[tuple[bytes, bytes]]]
+LeanFunction = Callable[[Scope, bytes], Awaitable[LeanResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class LeanRoute:
+    """A hot path served ahead of the framework: `fn(scope, body)` -> (status, JSON, headers).
+
+    The same route is declared to FastAPI for the OpenAPI document; this one answers first.
+    """
+
+    method: str
+    path: str
+    fn: LeanFunction
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        request_id = scope.get("state", {}).get("request_id")
+        try:
+            status, payload, headers = await self.fn(scope, b"".join(chunks))
+            content_type = b"application/json"
+        except Problem as problem:
+            status, headers = (
+                problem.status,
+                [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()],
+            )
+            body = problem.body()
+            if request_id:
+                body["request_id"] = request_id
+            payload, content_type = orjson.dumps(body), PROBLEM_CONTENT_TYPE.encode()
+        except BackendUnavailable as exc:
+            log.warning("http.backend_unavailable", error=str(exc))
+            problem = Problem(503, "backend-unavailable", str(exc))
+            status, payload, headers = 503, orjson.dumps(problem.body()), [(b"retry-after", b"1")]
+            content_type = PROBLEM_CONTENT_TYPE.encode()
+        except Exception:
+            log.exception("http.unhandled", path=self.path)
+            problem = Problem(500, "internal-error", "an unexpected error occurred; see the log")
+            status, payload, headers = 500, orjson.dumps(problem.body()), []
+            content_type = PROBLEM_CONTENT_TYPE.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(payload)).encode()),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+class FastLane:
+    """Sends a few hot (method, path) pairs straight to their lean handlers."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[LeanRoute]) -> None:
+        self.app = app
+        self.routes = {(r.method, r.path): r for r in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.routes.get((scope["method"], scope["path"]))
+            if route is not None:
+                scope["route"] = route
+                await route(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- the OpenAPI document ------------------------------------------------------------------
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "An RFC 9457 problem document; `type` is stable per kind of error.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "examples": [PROBLEM_BASE + "validation-error"]},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "request_id": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+    "additionalProperties": True,
+}
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_OPERATIONS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+_EDGE_ERRORS = {  # what the shared layers may answer, by what an operation has
+    "security": (401, 403, 429, 503),
+    "body": (400, 413, 415, 422),
+    "parameters": (422,),
+    "path": (404,),
+}
+
+
+def _problem_response(status: int, description: str | None = None) -> dict[str, Any]:
+    return {
+        "description": description or _TITLES.get(status, "Error"),
+        "content": {PROBLEM_CONTENT_TYPE: {"schema": _PROBLEM_REF}},
+    }
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI document say what errors really look like (idempotent).
+
+    Every operation lists the problems the shared layers may answer for it (auth, body limit,
+    content type, validation, unknown resource), each as `application/problem+json`; a 4xx/5xx
+    a service declared without a body gets the problem body too. FastAPI's default 422 schema,
+    which tenfold never sends, is replaced.
+    """
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = PROBLEM_SCHEMA
+    for item in schema.get("paths", {}).values():
+        for method, operation in item.items():
+            if method not in _OPERATIONS:
+                continue
+            statuses: set[int] = set()
+            parameters = operation.get("parameters", [])
+            if operation.get("security"):
+                statuses.update(_EDGE_ERRORS["security"])
+            if "requestBody" in operation or method in ("post", "put", "patch"):
+                statuses.update(_EDGE_ERRORS["body"])
+            if parameters:
+                statuses.update(_EDGE_ERRORS["parameters"])
+            if any(p.get("in") == "path" for p in parameters):
+                statuses.update(_EDGE_ERRORS["path"])
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                responses.setdefault(str(status), _problem_response(status))
+            for code, response in responses.items():
+                if code[:1] not in ("4", "5"):
+                    continue
+                content = response.get("content") or {}
+                if not content or _is_fastapi_422(content):
+                    response["content"] = _problem_response(int(code))["content"]
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused in schemas and unused not in orjson.dumps(schema.get("paths", {})).decode():
+            del schemas[unused]
+    return schema
+
+
+def _is_fastapi_422(content: dict[str, Any]) -> bool:
+    ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
+    return str(ref).endswith("/HTTPValidationError")

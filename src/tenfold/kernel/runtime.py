@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from starlette.types import ASGIApp
 
+    from tenfold.kernel.http import LeanRoute
+
 log = structlog.get_logger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
@@ -40,6 +42,7 @@ class Mount:
     public_paths: tuple[str, ...] = ()  # paths open without an API key
     raw_body_prefixes: tuple[str, ...] = ()  # paths whose bodies are not JSON
     wrap: Callable[[ASGIApp], ASGIApp] | None = None  # an ASGI middleware around the app
+    lean_routes: list[LeanRoute] = field(default_factory=list)  # hot paths, ahead of FastAPI
 
 
 @dataclass

@@ -13,8 +13,17 @@ import structlog
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from tenfold.kernel.auth import Principal, require
-from tenfold.kernel.http import Conflict, InvalidField, NotFound, Problem
+from tenfold.kernel.auth import Principal, authenticate, require
+from tenfold.kernel.http import (
+    Conflict,
+    InvalidField,
+    LeanFunction,
+    LeanResult,
+    LeanRoute,
+    NotFound,
+    Problem,
+    RawHeaders,
+)
 from tenfold.kernel.kv import RedisKV
 from tenfold.kernel.runtime import Mount, Runtime
 from tenfold.ratelimit.algorithms import Algorithm, LimitError
@@ -300,7 +309,41 @@ def _policy_dict(p: Policy) -> dict[str, Any]:
 # --- router --------------------------------------------------------------------------------
 
 
-def build_router(service: RateLimitService, store: SqlPolicyStore, runtime: Runtime) -> APIRouter:
+CHECK_PATH = "/api/v1/ratelimit/check"
+
+
+def check_handler(service: RateLimitService, runtime: Runtime) -> LeanFunction:
+    """POST /api/v1/ratelimit/check, the hot path: parsed by hand, no framework in between."""
+    keys = runtime.keys
+
+    async def handle(scope: Any, raw: bytes) -> LeanResult:
+        await authenticate(scope, RawHeaders(scope), keys, "ratelimit:write")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
+        req = _parse_check(body)
+        ctx = CheckContext(
+            req["client_id"], req["api_key"], req["resource"], req["ip"], req["region"]
+        )
+        now = service.clock.now_ms()
+        try:
+            result = await service.check(ctx, req["weight"], background=req["async"])
+        except LimitError as exc:
+            raise InvalidField(exc.field, exc.message) from None
+        headers = []
+        if not result.allowed:
+            headers.append(
+                (b"retry-after", str(max(1, math.ceil(result.retry_ms / 1000))).encode())
+            )
+        return 200, orjson.dumps(check_body(result, now), option=orjson.OPT_UTC_Z), headers
+
+    return handle
+
+
+def build_router(
+    service: RateLimitService, store: SqlPolicyStore, runtime: Runtime, lean_check: LeanFunction
+) -> APIRouter:
     router = APIRouter(tags=["ratelimit"])
     admin = require("ratelimit:admin")
     reader = require("ratelimit:read")
@@ -317,7 +360,7 @@ def build_router(service: RateLimitService, store: SqlPolicyStore, runtime: Runt
         return policy
 
     @router.post(
-        "/api/v1/ratelimit/check",
+        CHECK_PATH,
         summary="Decide whether a request may proceed",
         response_model=CheckResponse,
         openapi_extra={
@@ -330,29 +373,13 @@ def build_router(service: RateLimitService, store: SqlPolicyStore, runtime: Runt
         },
     )
     async def check(request: Request, _: Principal = writer) -> Response:
-        # Parsed by hand: this is the hot path, and pydantic's per-request cost shows.
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
-        req = _parse_check(body)
-        ctx = CheckContext(
-            req["client_id"], req["api_key"], req["resource"], req["ip"], req["region"]
-        )
-        now = service.clock.now_ms()
-        try:
-            result = await service.check(ctx, req["weight"], background=req["async"])
-        except LimitError as exc:
-            raise InvalidField(exc.field, exc.message) from None
-        headers = (
-            {}
-            if result.allowed
-            else {"Retry-After": str(max(1, math.ceil(result.retry_ms / 1000)))}
-        )
+        # Served by the lean route below (mounted ahead of FastAPI); declared here for OpenAPI.
+        status, payload, headers = await lean_check(request.scope, await request.body())
         return Response(
-            orjson.dumps(check_body(result, now), option=orjson.OPT_UTC_Z),
+            payload,
+            status,
+            headers={k.decode(): v.decode() for k, v in headers},
             media_type="application/json",
-            headers=headers,
         )
 
     @router.get("/api/v1/ratelimit/status", response_model=StatusResponse)
@@ -608,5 +635,12 @@ def start_hooks(runtime: Runtime, service: RateLimitService) -> tuple[Any, Any]:
 def mount(runtime: Runtime) -> Mount:
     service = service_for(runtime)
     on_start, on_stop = start_hooks(runtime, service)
-    router = build_router(service, SqlPolicyStore(runtime.engine), runtime)
-    return Mount(name="ratelimit", routers=[router], on_start=[on_start], on_stop=[on_stop])
+    lean = check_handler(service, runtime)
+    router = build_router(service, SqlPolicyStore(runtime.engine), runtime, lean)
+    return Mount(
+        name="ratelimit",
+        routers=[router],
+        on_start=[on_start],
+        on_stop=[on_stop],
+        lean_routes=[LeanRoute("POST", CHECK_PATH, lean)],
+    )

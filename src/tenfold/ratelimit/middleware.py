@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenfold.kernel.auth import key_from_headers
 from tenfold.kernel.errors import BackendUnavailable
-from tenfold.kernel.http import PROBLEM_CONTENT_TYPE, Problem
+from tenfold.kernel.http import PROBLEM_CONTENT_TYPE, Problem, RawHeaders
 from tenfold.kernel.runtime import Mount, Runtime
 from tenfold.ratelimit.algorithms import Algorithm, Decision, Limit
 from tenfold.ratelimit.limiter import RateLimiter
@@ -126,7 +126,7 @@ class RateLimitMiddleware:
             if callable(key):
                 return key(scope)
             if key == "api_key":
-                return key_from_headers(_Headers(scope))
+                return key_from_headers(RawHeaders(scope))
             return client_ip(scope, networks)
 
         async def decide(scope: Scope) -> Verdict | None:
@@ -136,20 +136,6 @@ class RateLimitMiddleware:
             return Verdict(name, await limiter.ahit(limit, who), window_s)
 
         return cls(app, decide, legacy_headers=legacy_headers)
-
-
-class _Headers:
-    """Just enough of a headers mapping over a raw ASGI scope."""
-
-    def __init__(self, scope: Scope) -> None:
-        self._items = scope.get("headers", ())
-
-    def get(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        for k, v in self._items:
-            if k == wanted:
-                return str(v.decode("latin-1"))
-        return None
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -173,7 +159,7 @@ def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
     peer = client[0] if client else None
     if peer is None or not trusted or not _trusted(peer, trusted):
         return peer
-    forwarded = _Headers(scope).get("x-forwarded-for")
+    forwarded = RawHeaders(scope).get("x-forwarded-for")
     if not forwarded:
         return peer
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
@@ -209,7 +195,7 @@ def guard(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Callable[[A
                 public = cache["paths"] = public_paths()
             if path in public or path.startswith(public_prefixes):
                 return None
-        presented = key_from_headers(_Headers(scope))
+        presented = key_from_headers(RawHeaders(scope))
         if presented:
             principal = await runtime.keys.verify(presented)
             if principal is not None:
