@@ -200,7 +200,10 @@ def guard(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Callable[[A
             principal = await runtime.keys.verify(presented)
             if principal is not None:
                 scope.setdefault("state", {})["principal"] = principal
-                ctx = CheckContext(client_id=f"key:{principal.key_id}", resource=path)
+                client_id = f"key:{principal.key_id}"
+                if not service.book.has_own(client_id):
+                    return None  # a key is limited only by policies assigned to it
+                ctx = CheckContext(client_id=client_id, resource=path)
                 result = await service.check(ctx, assigned_only=True)
                 if result.deciding is None:
                     return None

@@ -122,8 +122,12 @@ class PolicyBook:
             limit = self._limits[cache_key] = policy.limit(override)
         return limit
 
+    def has_own(self, client_id: str) -> bool:
+        """Does the client have a tier or an assignment of its own?"""
+        return client_id in self.by_client or client_id in self.tiers
+
     def resolve(
-        self, ctx: CheckContext, at: datetime, *, assigned_only: bool = False
+        self, ctx: CheckContext, now: float, *, assigned_only: bool = False
     ) -> list[tuple[Policy, int | None]]:
         """Policies for everyone, for the client's tier, and assigned to the client (the
         highest-priority effective assignment per policy). `assigned_only` skips the first."""
@@ -135,11 +139,14 @@ class PolicyBook:
             for p in self.by_tier.get(tier, ()):
                 chosen[p.policy_id] = (p, None)
         best: dict[int, Assignment] = {}
-        for a in self.by_client.get(ctx.client_id, ()):
-            if a.effective(at) and (
-                a.policy_id not in best or a.priority > best[a.policy_id].priority
-            ):
-                best[a.policy_id] = a
+        own = self.by_client.get(ctx.client_id)
+        if own:
+            at = datetime.fromtimestamp(now, UTC)
+            for a in own:
+                if a.effective(at) and (
+                    a.policy_id not in best or a.priority > best[a.policy_id].priority
+                ):
+                    best[a.policy_id] = a
         for policy_id, a in best.items():
             p = self.by_id.get(policy_id)
             if p is not None and p.is_active:
@@ -243,9 +250,8 @@ class RateLimitService:
         self, ctx: CheckContext, *, assigned_only: bool = False
     ) -> tuple[list[Policy], list[Limit], list[Probe]]:
         book = self.book
-        at = datetime.fromtimestamp(self.clock.now(), UTC)
         chosen, limits, probes = [], [], []
-        for policy, override in book.resolve(ctx, at, assigned_only=assigned_only):
+        for policy, override in book.resolve(ctx, self.clock.now(), assigned_only=assigned_only):
             subject = ctx.subject(policy.key_by)
             if subject is None:
                 continue
