@@ -39,13 +39,14 @@ def _with_service(job: Callable[[Any, Any, Any], Awaitable[T]]) -> T:
 
     async def main() -> T:
         runtime = Runtime.from_settings(settings)
+        service = service_for(runtime)
         try:
-            service = service_for(runtime)
             await service.reload()
             result = await job(runtime, service, SqlPolicyStore(runtime.engine))
             await runtime.kv.publish(POLICY_CHANNEL, b"cli")
             return result
         finally:
+            await service.counters.aclose()
             await runtime.close()
 
     try:
@@ -152,7 +153,10 @@ def check(
     api_key: Annotated[str, typer.Option(help="API key being limited")] = "",
     weight: Annotated[int, typer.Option(help="Request weight")] = 1,
 ) -> None:
-    """Run one check (it consumes quota) and print the decision."""
+    """Run one check (it consumes quota) and print the decision.
+
+    Counters are shared with running servers through Redis; without TENFOLD_REDIS_URL they
+    live only for this command, which still shows which policies apply."""
     from tenfold.ratelimit.models import CheckContext
 
     async def job(_runtime: Any, service: Any, _store: Any) -> Any:
