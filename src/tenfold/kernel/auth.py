@@ -40,6 +40,7 @@ api_keys = sa.Table(
     sa.Column("owner", sa.String(200), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_api_keys_owner", "owner"),
 )
 
 

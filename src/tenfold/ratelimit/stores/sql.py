@@ -51,6 +51,7 @@ client_policies = sa.Table(
     sa.Column("override_rate_limit", sa.BigInteger),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("effective_to", sa.DateTime(timezone=True)),
+    sa.Index("ix_client_policies_policy_id", "policy_id"),
 )
 
 client_tiers = sa.Table(
@@ -70,6 +71,8 @@ events = sa.Table(
     sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
     sa.Column("remaining_quota", sa.BigInteger),
     sa.Column("request_metadata", sa.JSON),
+    sa.Index("idx_rate_limit_events_timestamp", "timestamp"),
+    sa.Index("idx_rate_limit_events_client_policy", "client_id", "policy_id"),
 )
 
 meta = sa.Table(

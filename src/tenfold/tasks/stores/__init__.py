@@ -1,0 +1,1 @@
+"""Task store backends: one SQL store for SQLite (embedded) and PostgreSQL (scale)."""
