@@ -239,3 +239,31 @@ class Claimed:
 
 def unique(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(values))
+
+
+class TaskIds:
+    """UUIDv7-style ids (RFC 9562): time-ordered, so ties in a claim's ORDER BY keep
+    submission order; a counter keeps ids made in the same millisecond in order."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.SystemRandom()
+        self._last_ms = 0
+        self._seq = 0
+
+    def new(self, now_ms: int) -> str:
+        if now_ms <= self._last_ms:
+            now_ms = self._last_ms
+            self._seq += 1
+            if self._seq > 0xFFF:
+                now_ms += 1
+                self._seq = 0
+        else:
+            self._seq = self._rng.getrandbits(8)  # leaves room for 3,800 more this ms
+        self._last_ms = now_ms
+        tail = self._rng.getrandbits(62)
+        value = (now_ms & (2**48 - 1)) << 80 | 0x7 << 76 | self._seq << 64 | 0b10 << 62 | tail
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+TASK_IDS = TaskIds()

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenfold.kernel.sql import is_sqlite
 from tenfold.tasks.models import (
     FINISHED,
+    TASK_IDS,
     Claimed,
     OnDependencyFailure,
     Status,
@@ -145,7 +146,7 @@ class SqlTaskStore:
                 )
             )
             existing = {k: t for k, t in rows.all()}
-        new_ids = list(ids) if ids is not None else [str(uuid.uuid4()) for _ in specs]
+        new_ids = list(ids) if ids is not None else [TASK_IDS.new(now_ms) for _ in specs]
         by_ref = {s.ref: new_ids[i] for i, s in enumerate(specs) if s.ref}
         out: list[tuple[str, bool]] = []
         rows_out: list[dict[str, Any]] = []
@@ -451,50 +452,37 @@ class SqlTaskStore:
     async def _complete(
         self, conn: AsyncConnection, items: Sequence[tuple[str, str, Any]], now_ms: int
     ) -> list[bool]:
-        accepted: list[bool] = []
-        history: list[dict[str, Any]] = []
-        done: list[str] = []
-        for task_id, token, result in items:
-            row = (
-                (
-                    await conn.execute(
-                        tasks.update()
-                        .where(
-                            tasks.c.task_id == task_id,
-                            tasks.c.lease_token == token,
-                            tasks.c.status == Status.RUNNING.value,
-                        )
-                        .values(
-                            status=Status.SUCCEEDED.value,
-                            result=_json(result),
-                            completed_at_ms=now_ms,
-                            lease_token=None,
-                            lease_expires_ms=None,
-                        )
-                        .returning(
-                            tasks.c.attempt,
-                            tasks.c.worker_id,
-                            tasks.c.started_at_ms,
-                            tasks.c.run_at_ms,
-                            tasks.c.queue,
-                            tasks.c.priority,
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            if row is None:
-                accepted.append(False)
-                continue
-            accepted.append(True)
-            done.append(task_id)
-            history.append(_history(task_id, row, now_ms, "succeeded", None))
-        if history:
-            await conn.execute(task_execution_history.insert(), history)
+        done: dict[str, Any] = {}
+        for chunk_start in range(0, len(items), 200):
+            chunk = items[chunk_start : chunk_start + 200]
+            params: dict[str, Any] = {"now": now_ms, "succeeded": Status.SUCCEEDED.value}
+            values = []
+            for i, (task_id, token, result) in enumerate(chunk):
+                params[f"i{i}"], params[f"k{i}"], params[f"r{i}"] = task_id, token, _json(result)
+                values.append(f"(:i{i}, :k{i}, :r{i})")
+            # One statement per chunk: every item whose lease is still current succeeds.
+            sql = f"""
+                WITH v(task_id, token, result) AS (VALUES {", ".join(values)})
+                UPDATE tasks SET status = :succeeded, result = v.result,
+                    completed_at_ms = :now, lease_token = NULL, lease_expires_ms = NULL
+                FROM v
+                WHERE tasks.task_id = v.task_id AND tasks.lease_token = v.token
+                    AND tasks.status = 'running'
+                RETURNING tasks.task_id, tasks.attempt, tasks.worker_id, tasks.started_at_ms,
+                    tasks.run_at_ms, tasks.queue, tasks.priority
+            """  # noqa: S608 - placeholders only; every value is a bound parameter
+            for row in (await conn.execute(sa.text(sql), params)).mappings():
+                done[row["task_id"]] = row
         if done:
-            await self._release_dependants(conn, done, now_ms)
-        return accepted
+            await conn.execute(
+                task_execution_history.insert(),
+                [
+                    _history(task_id, row, now_ms, "succeeded", None)
+                    for task_id, row in done.items()
+                ],
+            )
+            await self._release_dependants(conn, list(done), now_ms)
+        return [task_id in done for task_id, _, _ in items]
 
     async def fail(
         self,
