@@ -84,7 +84,7 @@ class Worker:
         lease_seconds: float = 30.0,
         heartbeat_seconds: float = 5.0,
         poll_seconds: float = 1.0,
-        flush_seconds: float = 0.005,
+        flush_seconds: float = 0.05,
         cancel_grace_seconds: float = 10.0,
         resources: tuple[str, ...] = (),
         pool: str = "default",
@@ -242,7 +242,7 @@ class Worker:
         else:
             if ctx._conn is None:  # completed inside ctx.transaction() otherwise
                 self._done.append((claim, result))
-                if len(self._done) >= 64:
+                if len(self._done) >= 100:
                     self._flush_wanted.set()
             self.completed += 1
             RUN_SECONDS.labels(claim.queue).observe(time.monotonic() - running.started)
@@ -325,13 +325,14 @@ class Worker:
             raise RuntimeError(f"task {ctx.task_id}: lease lost; the transaction is rolled back")
 
     async def _flusher(self) -> None:
+        """Results go out in batches: when 100 are waiting, when the worker falls idle, and
+        at least every `flush_seconds`."""
         while True:
-            await self._flush_wanted.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), self.flush_seconds)
             self._flush_wanted.clear()
-            await self._flush()
-            await asyncio.sleep(self.flush_seconds)
             if self._done:
-                self._flush_wanted.set()
+                await self._flush()
 
     async def _flush(self) -> None:
         batch, self._done = self._done, []
