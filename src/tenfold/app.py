@@ -22,7 +22,7 @@ from tenfold.kernel.http import (
     install_problem_handlers,
 )
 from tenfold.kernel.runtime import Mount, Runtime, ensure_admin_key
-from tenfold.kernel.telemetry import render_metrics
+from tenfold.kernel.telemetry import configure_logging, render_metrics
 from tenfold.settings import Settings, load_settings
 
 log = structlog.get_logger(__name__)
@@ -79,7 +79,9 @@ def build_app(
     runtime: Runtime | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> App:
-    settings = settings or load_settings()
+    if settings is None:  # the uvicorn factory: a fresh worker process, configured by env
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
     runtime = runtime or Runtime.from_settings(settings, clock)
 
     @asynccontextmanager

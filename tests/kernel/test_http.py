@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tenfold.app import build_app
 from tenfold.kernel.clock import ManualClock
+from tenfold.kernel.http import EdgeMiddleware
 from tenfold.kernel.runtime import Runtime
 from tenfold.settings import Settings
 from tests.conftest import make_settings, serve_app
@@ -155,6 +156,23 @@ async def test_json_with_charset_and_problem_json_are_accepted(
             assert response.status_code == 201, response.text
 
 
+async def test_lean_routes_answer_the_same_problems(
+    embedded: Settings, clock: ManualClock, admin_key_of: Any
+) -> None:
+    """Hot paths served ahead of FastAPI (kernel.http.LeanRoute) keep the problem contract."""
+    path = "/api/v1/ratelimit/check"
+    async with serve_app(embedded, clock) as (app, client):
+        assert any(r.path == path for m in app.mounts for r in m.lean_routes)
+        anonymous = await client.post(path, json={}, headers={"X-Request-ID": "lean-1"})
+        malformed = await client.post(
+            path,
+            content=b"{",
+            headers=auth(admin_key_of(embedded)) | {"Content-Type": "application/json"},
+        )
+    assert assert_problem(anonymous, 401, "unauthorized")["request_id"] == "lean-1"
+    assert_problem(malformed, 400, "malformed-json")
+
+
 # --- body limit ----------------------------------------------------------------------------
 
 LIMIT = 1024
@@ -162,9 +180,9 @@ LIMIT = 1024
 
 @pytest.fixture
 def small_bodies(embedded: Settings) -> Settings:
-    return make_settings(**embedded.model_dump(include={"data_dir", "database_url"}) | {
-        "max_body_bytes": LIMIT
-    })
+    return make_settings(
+        **embedded.model_dump(include={"data_dir", "database_url"}) | {"max_body_bytes": LIMIT}
+    )
 
 
 def padded(size: int, name: str = "big") -> bytes:
@@ -252,7 +270,7 @@ async def test_request_id_is_generated_when_missing_or_unsafe(
         first = await client.get("/healthz", headers=headers)
         second = await client.get("/healthz", headers=headers)
     ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
-    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert all(re.fullmatch(r"[0-9a-f]{16,}", i) for i in ids)  # at least 64 random bits
     assert ids[0] != ids[1]
 
 
@@ -275,9 +293,9 @@ async def test_readyz_is_200_when_every_backend_answers(
     assert response.json() == {"status": "ok", "checks": {"database": "ok", "kv": "ok"}}
 
 
-async def test_readyz_is_503_problem_when_the_database_is_unreachable(
-    tmp_path: Any, clock: ManualClock
-) -> None:
+@pytest.fixture
+async def database_down(tmp_path: Any, clock: ManualClock) -> AsyncIterator[httpx.AsyncClient]:
+    """The app of a runtime whose database is a closed port (no lifespan: it could not start)."""
     settings = make_settings(
         data_dir=str(tmp_path),
         database_url="postgresql://postgres@127.0.0.1:1/nowhere",
@@ -288,15 +306,63 @@ async def test_readyz_is_503_problem_when_the_database_is_unreachable(
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            health = await client.get("/healthz")
-            response = await client.get("/readyz")
+            yield client
     finally:
         await runtime.close()
+
+
+async def test_readyz_is_503_problem_when_the_database_is_unreachable(
+    database_down: httpx.AsyncClient,
+) -> None:
+    health = await database_down.get("/healthz")
+    response = await database_down.get("/readyz")
     assert health.status_code == 200  # the process is up, it just is not ready
     body = assert_problem(response, 503, "not-ready")
     assert "database" in body["detail"]
     assert body["checks"]["database"] != "ok"
     assert body["checks"]["kv"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/api/v1/policies"), ("POST", "/api/v1/ratelimit/check")]
+)
+async def test_unreachable_database_is_503_on_every_layer(
+    database_down: httpx.AsyncClient, method: str, path: str
+) -> None:
+    """The key check runs in the rate-limit guard, outside FastAPI's handlers: still a 503."""
+    response = await database_down.request(
+        method, path, json={}, headers={"X-API-Key": "tf_0123456789ab_" + "s" * 43}
+    )
+    body = assert_problem(response, 503, "backend-unavailable")
+    assert body["detail"].startswith("database unreachable")
+    assert response.headers["retry-after"] == "1"
+
+
+async def _boom(scope: Any, receive: Any, send: Any) -> None:
+    raise RuntimeError("a bug outside FastAPI")
+
+
+async def _half_then_boom(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    raise RuntimeError("a bug mid-response")
+
+
+async def test_edge_turns_a_crash_outside_fastapi_into_a_500_problem() -> None:
+    edge = EdgeMiddleware(_boom, max_body_bytes=1024)
+    transport = httpx.ASGITransport(app=edge)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/x", headers={"X-Request-ID": "crash-1"})
+    body = assert_problem(response, 500, "internal-error")
+    assert body["request_id"] == "crash-1"
+    assert "a bug outside FastAPI" not in response.text  # internals stay in the log
+
+
+async def test_edge_leaves_a_started_response_to_the_server() -> None:
+    edge = EdgeMiddleware(_half_then_boom, max_body_bytes=1024)
+    transport = httpx.ASGITransport(app=edge)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with pytest.raises(RuntimeError, match="mid-response"):
+            await client.get("/x")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -327,9 +393,11 @@ async def test_metrics_count_requests_and_latency_by_route_template(
     total = "tenfold_http_requests_total"
     assert sample(after, total, **counted) - sample(before, total, **counted) == 2
     hist = "tenfold_http_request_duration_seconds_count"
-    assert sample(after, hist, method="GET", route=route) - sample(
-        before, hist, method="GET", route=route
-    ) == 2
+    assert (
+        sample(after, hist, method="GET", route=route)
+        - sample(before, hist, method="GET", route=route)
+        == 2
+    )
     assert 'le="0.005"' in after  # the histogram's buckets are exposed
     assert "/api/v1/policies/17" not in after  # raw paths never become labels
     assert "no-such-page-9f1c" not in after

@@ -25,8 +25,8 @@ HALF_WAY_MIGRATION = textwrap.dedent(
     import sqlalchemy as sa
     from alembic import op
 
-    revision = "0003"
-    down_revision = "0002"
+    revision = "9999"
+    down_revision = "{head}"
     branch_labels = None
     depends_on = None
 
@@ -117,8 +117,8 @@ def test_head_is_the_last_numbered_revision() -> None:
 def test_a_migration_failing_half_way_leaves_the_database_as_it_was(
     db_url: str, tmp_path: Path
 ) -> None:
-    before = sql.current_revision(db_url)
-    assert before == "0002"
+    head = sql.head_revision()
+    assert sql.current_revision(db_url) == head
     run(
         _execute(
             db_url,
@@ -129,15 +129,51 @@ def test_a_migration_failing_half_way_leaves_the_database_as_it_was(
     )
     versions = tmp_path / "bad-versions"
     versions.mkdir()
-    (versions / "0003_half_way.py").write_text(HALF_WAY_MIGRATION)
+    (versions / "9999_half_way.py").write_text(HALF_WAY_MIGRATION.replace("{head}", head))
 
     with pytest.raises(MigrationError, match="THIS IS NOT SQL"):
         sql.upgrade(db_url, extra_locations=[versions])
 
-    assert sql.current_revision(db_url) == "0002"
+    assert sql.current_revision(db_url) == head
     assert "half_made" not in run(_tables(db_url))
     assert run(_query(db_url, "SELECT key_id, name FROM api_keys")) == [("k1", "kept")]
     assert run(_query(db_url, "SELECT id, version FROM rate_limit_meta")) == [(1, 7)]
+
+
+def test_a_lost_connection_is_backend_unavailable_and_the_next_one_works(
+    pg_template: PostgresTemplate,
+) -> None:
+    name = pg_template.clone()
+    url = pg_url(name)
+
+    async def scenario() -> None:
+        engine = sql.create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar()
+            await _execute(url, f"SELECT pg_terminate_backend({pid})")
+            with pytest.raises(BackendUnavailable, match="database connection lost"):
+                async with engine.connect() as conn:  # the pooled, now dead, connection
+                    await conn.execute(sa.text("SELECT 1"))
+            async with engine.connect() as conn:
+                assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+        finally:
+            await engine.dispose()
+
+    try:
+        run(scenario())
+    finally:
+        pg_template.drop(name)
+
+
+async def test_connecting_to_a_closed_port_is_backend_unavailable() -> None:
+    engine = sql.create_engine("postgresql://postgres@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(BackendUnavailable, match="database unreachable"):
+            async with engine.connect():
+                pass
+    finally:
+        await engine.dispose()
 
 
 def test_a_migration_error_names_the_unreachable_database() -> None:

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 import sqlalchemy as sa
@@ -157,7 +157,8 @@ class KeyStore:
     async def count_active(self) -> int:
         query = sa.select(sa.func.count()).select_from(api_keys)
         async with self.engine.connect() as conn:
-            return int((await conn.execute(query.where(api_keys.c.revoked_at.is_(None)))).scalar())
+            result = await conn.execute(query.where(api_keys.c.revoked_at.is_(None)))
+            return int(result.scalar_one())
 
     async def revoke(self, key_id: str) -> bool:
         now = datetime.fromtimestamp(self.clock.now(), UTC)
@@ -191,8 +192,8 @@ class KeyStore:
                 cached = (now + CACHE_SECONDS, "", None)
             else:
                 record = _record(row)
-                principal = Principal(key_id, record.name, frozenset(record.scopes), record.owner)
-                cached = (now + CACHE_SECONDS, str(row["secret_hash"]), principal)
+                found = Principal(key_id, record.name, frozenset(record.scopes), record.owner)
+                cached = (now + CACHE_SECONDS, str(row["secret_hash"]), found)
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[key_id] = cached
@@ -244,7 +245,7 @@ API_KEY_HEADER = APIKeyHeader(
 async def authenticate(asgi_scope: Any, headers: Any, keys: KeyStore, scope: str) -> Principal:
     """The caller's principal, which must hold `scope`; cached on the ASGI scope's state."""
     state = asgi_scope.setdefault("state", {})
-    principal = state.get("principal")
+    principal: Principal | None = state.get("principal")
     if principal is None:
         presented = key_from_headers(headers)
         if presented is None:
@@ -265,8 +266,8 @@ def require(scope: str) -> Any:
 
     async def dependency(
         request: Request,
-        _bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
-        _header: str | None = Security(API_KEY_HEADER),
+        _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+        _header: Annotated[str | None, Security(API_KEY_HEADER)],
     ) -> Principal:
         keys: KeyStore = request.app.state.runtime.keys
         return await authenticate(request.scope, request.headers, keys, scope)

@@ -230,12 +230,14 @@ class EdgeMiddleware:
             request_id = os.urandom(12).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         status_holder = [500]
+        response_started = [False]
         method = scope["method"]
         rid = request_id.encode()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder[0] = message["status"]
+                response_started[0] = True
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
 
@@ -253,6 +255,31 @@ class EdgeMiddleware:
             except _BodyTooLarge:
                 await self._send_raw(
                     send_with_id, 413, "body-too-large", self._too_large(), request_id
+                )
+            # The safety net for the layers outside FastAPI's handlers (guards, lean routes):
+            # their failures are problems too. Once a response started, the server deals.
+            except BackendUnavailable as exc:
+                if response_started[0]:
+                    raise
+                log.warning("http.backend_unavailable", error=str(exc), path=scope["path"])
+                await self._send_raw(
+                    send_with_id,
+                    503,
+                    "backend-unavailable",
+                    str(exc),
+                    request_id,
+                    [(b"retry-after", b"1")],
+                )
+            except Exception:
+                if response_started[0]:
+                    raise
+                log.exception("http.unhandled", path=scope["path"])
+                await self._send_raw(
+                    send_with_id,
+                    500,
+                    "internal-error",
+                    "an unexpected error occurred; see the server log",
+                    request_id,
                 )
         finally:
             route = scope.get("route")
@@ -295,9 +322,17 @@ class EdgeMiddleware:
 
         return wrapped
 
-    async def _send_raw(self, send: Send, status: int, kind: str, detail: str, rid: str) -> None:
+    async def _send_raw(
+        self,
+        send: Send,
+        status: int,
+        kind: str,
+        detail: str,
+        rid: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         payload, headers = _raw_problem(status, kind, detail, rid)
-        headers = [h for h in headers if h[0] != b"x-request-id"]
+        headers = [h for h in headers if h[0] != b"x-request-id"] + (extra or [])
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -343,27 +378,24 @@ class LeanRoute:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         request_id = scope.get("state", {}).get("request_id")
+        failure: Problem | None = None
         try:
             status, payload, headers = await self.fn(scope, b"".join(chunks))
             content_type = b"application/json"
-        except Problem as problem:
-            status, headers = (
-                problem.status,
-                [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()],
-            )
-            body = problem.body()
-            if request_id:
-                body["request_id"] = request_id
-            payload, content_type = orjson.dumps(body), PROBLEM_CONTENT_TYPE.encode()
+        except Problem as exc:
+            failure = exc
         except BackendUnavailable as exc:
             log.warning("http.backend_unavailable", error=str(exc))
-            problem = Problem(503, "backend-unavailable", str(exc))
-            status, payload, headers = 503, orjson.dumps(problem.body()), [(b"retry-after", b"1")]
-            content_type = PROBLEM_CONTENT_TYPE.encode()
+            failure = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
         except Exception:
             log.exception("http.unhandled", path=self.path)
-            problem = Problem(500, "internal-error", "an unexpected error occurred; see the log")
-            status, payload, headers = 500, orjson.dumps(problem.body()), []
+            failure = Problem(500, "internal-error", "an unexpected error occurred; see the log")
+        if failure is not None:
+            body = failure.body()
+            if request_id:
+                body["request_id"] = request_id
+            status, payload = failure.status, orjson.dumps(body)
+            headers = [(k.lower().encode(), v.encode()) for k, v in failure.headers.items()]
             content_type = PROBLEM_CONTENT_TYPE.encode()
         await send(
             {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -54,7 +55,7 @@ SECRET_FIELDS = frozenset(
 )
 
 
-def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for field in SECRET_FIELDS.intersection(event):
         value = str(event[field])
         event[field] = value[:6] + "…" if len(value) > 6 else "…"
