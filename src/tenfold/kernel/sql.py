@@ -54,12 +54,39 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(target, **kwargs)
         _configure_sqlite(engine)
+        _unavailable_on_connection_loss(engine)
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping (a round trip per checkout on every hot path): a connection found dead
+    # fails one operation, and SQLAlchemy then invalidates the whole pool, so the next
+    # checkout reconnects. Callers retry (workers) or answer 503 (HTTP).
+    kwargs.setdefault("pool_recycle", 1800)
     kwargs.setdefault("connect_args", {"timeout": 5, "command_timeout": 30})
-    return create_async_engine(target, **kwargs)
+    engine = create_async_engine(target, **kwargs)
+    _unavailable_on_connection_loss(engine)
+    return engine
+
+
+def _unavailable_on_connection_loss(engine: AsyncEngine) -> None:
+    """A database that cannot be reached, or a connection lost mid-statement, raises
+    BackendUnavailable (an HTTP 503), the same for every service and driver."""
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except Exception as exc:
+            raise BackendUnavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+
+    @event.listens_for(sync_engine, "handle_error")
+    def _lost(context: Any) -> None:
+        if context.is_disconnect and not context.is_pre_ping:
+            error = context.original_exception
+            raise BackendUnavailable(
+                f"database connection lost: {type(error).__name__}: {error}"
+            ) from error
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -87,6 +114,8 @@ async def ping(engine: AsyncEngine) -> None:
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+    except BackendUnavailable:
+        raise
     except Exception as exc:
         raise BackendUnavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
 

@@ -37,8 +37,18 @@ tasks = sa.Table(
     sa.Column("resources", sa.String(200), nullable=False),
     sa.Column("pending_deps", sa.Integer, nullable=False),
     sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    sa.Column("has_dependants", sa.Boolean, nullable=False),
     sa.Column("created_by", sa.String(200)),
-    sa.Index("ix_tasks_claim", "status", "queue", "priority", "run_at_ms"),
+    # Claims read ready rows in this order: the partial index serves them without a sort.
+    sa.Index(
+        "ix_tasks_ready",
+        "queue",
+        "priority",
+        "run_at_ms",
+        "task_id",
+        postgresql_where=sa.text("status IN ('pending', 'scheduled')"),
+        sqlite_where=sa.text("status IN ('pending', 'scheduled')"),
+    ),
     sa.Index("ix_tasks_lease", "status", "lease_expires_ms"),
     sa.Index("ix_tasks_type_status", "task_type", "status"),
 )

@@ -119,13 +119,18 @@ def upgrade() -> None:
         sa.Column("resources", sa.String(length=200), nullable=False),
         sa.Column("pending_deps", sa.Integer(), nullable=False),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
+        sa.Column("has_dependants", sa.Boolean(), nullable=False),
         sa.Column("created_by", sa.String(length=200), nullable=True),
         sa.PrimaryKeyConstraint("task_id", name=op.f("pk_tasks")),
         sa.UniqueConstraint("idempotency_key", name=op.f("uq_tasks_idempotency_key")),
     )
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.create_index(
-            "ix_tasks_claim", ["status", "queue", "priority", "run_at_ms"], unique=False
+            "ix_tasks_ready",
+            ["queue", "priority", "run_at_ms", "task_id"],
+            unique=False,
+            postgresql_where=sa.text("status IN ('pending', 'scheduled')"),
+            sqlite_where=sa.text("status IN ('pending', 'scheduled')"),
         )
         batch_op.create_index("ix_tasks_lease", ["status", "lease_expires_ms"], unique=False)
         batch_op.create_index("ix_tasks_type_status", ["task_type", "status"], unique=False)
@@ -148,7 +153,7 @@ def downgrade() -> None:
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.drop_index("ix_tasks_type_status")
         batch_op.drop_index("ix_tasks_lease")
-        batch_op.drop_index("ix_tasks_claim")
+        batch_op.drop_index("ix_tasks_ready")
 
     op.drop_table("tasks")
     op.drop_table("task_workers")

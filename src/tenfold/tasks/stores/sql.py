@@ -218,6 +218,7 @@ class SqlTaskStore:
                     "resources": resources_text(spec.resources),
                     "pending_deps": len(open_deps),
                     "cancel_requested": False,
+                    "has_dependants": False,
                     "created_by": created_by,
                     "error_message": (
                         f"dependency {doomed[0]} did not succeed" if doomed else None
@@ -226,6 +227,18 @@ class SqlTaskStore:
                 }
             )
             dep_rows.extend({"task_id": task_id, "depends_on": d} for d in deps)
+        if dep_rows:
+            upstream = {r["depends_on"] for r in dep_rows}
+            for row in rows_out:
+                if row["task_id"] in upstream:
+                    row["has_dependants"] = True
+            outside_up = upstream - batch_ids
+            if outside_up:
+                await conn.execute(
+                    tasks.update()
+                    .where(tasks.c.task_id.in_(outside_up))
+                    .values(has_dependants=True)
+                )
         if rows_out:
             await conn.execute(tasks.insert(), rows_out)
         if dep_rows:
@@ -366,7 +379,7 @@ class SqlTaskStore:
                 started_at_ms = :now, cancel_requested = :false
             WHERE task_id IN (
                 SELECT t.task_id FROM tasks t WHERE {" AND ".join(where)}
-                ORDER BY t.priority, t.run_at_ms, t.created_at_ms, t.task_id
+                ORDER BY t.priority, t.run_at_ms, t.task_id
                 LIMIT :limit{lock})
             RETURNING task_id, task_type, payload, attempt, lease_token, lease_expires_ms,
                 timeout_seconds, max_retries, queue, priority, run_at_ms
@@ -391,9 +404,9 @@ class SqlTaskStore:
             )
             for r in rows
         ]
-        order = {c.task_id: i for i, c in enumerate(claimed)}
-        prio = {r["task_id"]: (r["priority"], r["run_at_ms"]) for r in rows}
-        claimed.sort(key=lambda c: (prio[c.task_id], order[c.task_id]))
+        # RETURNING has no order: put them back in claim order
+        rank = {r["task_id"]: (r["priority"], r["run_at_ms"], r["task_id"]) for r in rows}
+        claimed.sort(key=lambda c: rank[c.task_id])
         return claimed
 
     @staticmethod
@@ -428,9 +441,25 @@ class SqlTaskStore:
     async def heartbeat_many(
         self, leases: Sequence[tuple[str, str]], lease_ms: int, now_ms: int
     ) -> dict[str, tuple[bool, bool]]:
-        out: dict[str, tuple[bool, bool]] = {}
-        for task_id, token in leases:
-            out[task_id] = await self.heartbeat(task_id, token, lease_ms, now_ms)
+        """Extend many leases in one statement per 200. Returns task id -> (held, cancel)."""
+        out = {task_id: (False, False) for task_id, _ in leases}
+        async with self.engine.begin() as conn:
+            for start in range(0, len(leases), 200):
+                chunk = leases[start : start + 200]
+                params: dict[str, Any] = {"expires": now_ms + lease_ms}
+                values = []
+                for i, (task_id, token) in enumerate(chunk):
+                    params[f"i{i}"], params[f"k{i}"] = task_id, token
+                    values.append(f"(:i{i}, :k{i})")
+                sql = f"""
+                    WITH v(task_id, token) AS (VALUES {", ".join(values)})
+                    UPDATE tasks SET lease_expires_ms = :expires FROM v
+                    WHERE tasks.task_id = v.task_id AND tasks.lease_token = v.token
+                        AND tasks.status = 'running'
+                    RETURNING tasks.task_id, tasks.cancel_requested
+                """  # noqa: S608 - placeholders only; every value is a bound parameter
+                for task_id, cancel in (await conn.execute(sa.text(sql), params)).all():
+                    out[task_id] = (True, bool(cancel))
         return out
 
     # -- finishing ------------------------------------------------------------------------
@@ -469,7 +498,7 @@ class SqlTaskStore:
                 WHERE tasks.task_id = v.task_id AND tasks.lease_token = v.token
                     AND tasks.status = 'running'
                 RETURNING tasks.task_id, tasks.attempt, tasks.worker_id, tasks.started_at_ms,
-                    tasks.run_at_ms, tasks.queue, tasks.priority
+                    tasks.run_at_ms, tasks.queue, tasks.priority, tasks.has_dependants
             """  # noqa: S608 - placeholders only; every value is a bound parameter
             for row in (await conn.execute(sa.text(sql), params)).mappings():
                 done[row["task_id"]] = row
@@ -481,7 +510,9 @@ class SqlTaskStore:
                     for task_id, row in done.items()
                 ],
             )
-            await self._release_dependants(conn, list(done), now_ms)
+            upstream = [task_id for task_id, row in done.items() if row["has_dependants"]]
+            if upstream:
+                await self._release_dependants(conn, upstream, now_ms)
         return [task_id in done for task_id, _, _ in items]
 
     async def fail(
