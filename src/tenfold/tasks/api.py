@@ -37,7 +37,13 @@ from tenfold.tasks.models import (
     TaskSpec,
     validate,
 )
-from tenfold.tasks.service import FINISHED_TOTAL, WAIT_SECONDS, TaskConflict, TaskService
+from tenfold.tasks.service import (
+    FINISHED_TOTAL,
+    WAIT_SECONDS,
+    Submitted,
+    TaskConflict,
+    TaskService,
+)
 from tenfold.tasks.stores.notify import LocalNotifier, Notifier, PgNotifier
 from tenfold.tasks.stores.sql import SqlTaskStore, release
 from tenfold.tasks.timeutil import from_ms
@@ -70,8 +76,9 @@ TASK_FIELDS = frozenset(
         "ref",
     }
 )
-QueueName = Annotated[str, Path(min_length=1, max_length=NAME_MAX)]
-TaskId = Annotated[str, Path(min_length=1, max_length=64)]
+TEXT = r"^[^\x00]*$"  # PostgreSQL text holds no NUL characters
+QueueName = Annotated[str, Path(min_length=1, max_length=NAME_MAX, pattern=TEXT)]
+TaskId = Annotated[str, Path(min_length=1, max_length=64, pattern=TEXT)]
 
 
 # --- schemas -------------------------------------------------------------------------------
@@ -90,11 +97,11 @@ class TaskIn(BaseModel):
     timeout_seconds: int = Field(default=TIMEOUT_DEFAULT, ge=TIMEOUT_MIN, le=TIMEOUT_MAX)
     max_retries: int = Field(default=3, ge=0, le=100)
     dependencies: list[str] = Field(default=[], description="task ids, or refs of this batch")
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, pattern=TEXT)
     queue: str = Field(default="default", min_length=1, max_length=NAME_MAX)
     on_dependency_failure: Literal["fail", "cancel"] = "fail"
     resources: list[str] = Field(default=[], description="e.g. gpu: only capable workers")
-    ref: str | None = Field(default=None, min_length=1, max_length=NAME_MAX)
+    ref: str | None = Field(default=None, min_length=1, max_length=NAME_MAX, pattern=TEXT)
 
 
 def _batch_schema() -> dict[str, Any]:
@@ -278,11 +285,11 @@ class PauseOut(BaseModel):
 
 class RedriveIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+    task_ids: list[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT)]] = Field(
         default=[], max_length=MAX_BATCH
     )
     all: bool = Field(default=False, description="every dead task (of `queue` if given)")
-    queue: str | None = Field(default=None, min_length=1, max_length=NAME_MAX)
+    queue: str | None = Field(default=None, min_length=1, max_length=NAME_MAX, pattern=TEXT)
 
 
 class Skipped(BaseModel):
@@ -295,21 +302,21 @@ class RedriveOut(BaseModel):
     skipped: list[Skipped]
 
 
-Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]
+Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=TEXT)]
 
 
 class ClaimIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    worker_id: str = Field(min_length=1, max_length=200)
+    worker_id: str = Field(min_length=1, max_length=200, pattern=TEXT)
     task_types: list[Name] = Field(min_length=1, max_length=1_000)
     queues: list[Name] = Field(default=["default"], min_length=1, max_length=100)
-    resources: list[Annotated[str, Field(min_length=1, max_length=50)]] = Field(
+    resources: list[Annotated[str, Field(min_length=1, max_length=50, pattern=TEXT)]] = Field(
         default=[], max_length=10, description="resource tags this worker offers (cpu, gpu...)"
     )
     max_tasks: int = Field(default=1, ge=1, le=CLAIM_MAX_TASKS)
     wait_seconds: float = Field(default=0.0, ge=0.0, le=CLAIM_WAIT_MAX)
     lease_seconds: int = Field(default=LEASE_DEFAULT, ge=LEASE_MIN, le=LEASE_MAX)
-    pool_id: str = Field(default=HTTP_POOL, min_length=1, max_length=100)
+    pool_id: str = Field(default=HTTP_POOL, min_length=1, max_length=100, pattern=TEXT)
 
 
 class ClaimedOut(BaseModel):
@@ -330,9 +337,9 @@ class ClaimOut(BaseModel):
 
 class HeartbeatIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lease_token: str = Field(min_length=1, max_length=64)
+    lease_token: str = Field(min_length=1, max_length=64, pattern=TEXT)
     lease_seconds: int = Field(default=LEASE_DEFAULT, ge=LEASE_MIN, le=LEASE_MAX)
-    worker_id: str | None = Field(default=None, min_length=1, max_length=200)
+    worker_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=TEXT)
 
 
 class HeartbeatOut(BaseModel):
@@ -342,9 +349,9 @@ class HeartbeatOut(BaseModel):
 
 class CompleteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lease_token: str = Field(min_length=1, max_length=64)
+    lease_token: str = Field(min_length=1, max_length=64, pattern=TEXT)
     result: Any = None
-    worker_id: str | None = Field(default=None, min_length=1, max_length=200)
+    worker_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=TEXT)
 
 
 class CompleteOut(BaseModel):
@@ -354,11 +361,11 @@ class CompleteOut(BaseModel):
 
 class FailIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lease_token: str = Field(min_length=1, max_length=64)
+    lease_token: str = Field(min_length=1, max_length=64, pattern=TEXT)
     error: str = Field(min_length=1, max_length=10_000)
     retryable: bool = True
     traceback: str | None = Field(default=None, max_length=50_000)
-    worker_id: str | None = Field(default=None, min_length=1, max_length=200)
+    worker_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=TEXT)
 
 
 class FailOut(BaseModel):
@@ -483,7 +490,13 @@ def decode_cursor(cursor: str | None) -> tuple[int, str] | None:
     if cursor is None:
         return None
     ms, sep, task_id = cursor.partition(".")
-    if not sep or not ms.isdigit() or not task_id:
+    if (
+        not sep
+        or not (ms.isascii() and ms.isdigit())
+        or len(ms) > 15
+        or not task_id
+        or "\x00" in task_id
+    ):
         raise InvalidField("cursor", "is not a cursor this API returned")
     return int(ms), task_id
 
@@ -507,9 +520,20 @@ def parse_task(raw: Any, where: str = "") -> TaskSpec:
                 where + "scheduled_at", "must be an RFC 3339 timestamp (2026-01-01T10:00:00Z)"
             ) from None
     try:
-        return validate(data)
+        spec = validate(data)
     except TaskError as exc:
         raise InvalidField(where + exc.field, exc.message) from None
+    for name, texts in (
+        ("task_type", [spec.task_type]),
+        ("queue", [spec.queue]),
+        ("idempotency_key", [spec.idempotency_key or ""]),
+        ("ref", [spec.ref or ""]),
+        ("dependencies", spec.dependencies),
+        ("resources", spec.resources),
+    ):
+        if any("\x00" in text for text in texts):
+            raise InvalidField(where + name, "must not contain NUL characters")
+    return spec
 
 
 async def read_json(request: Request) -> Any:
@@ -555,10 +579,8 @@ class HttpWorkers:
                     "last_heartbeat_ms": now,
                 }
             )
-        elif last is not None:
+        else:  # updates the row another process (or an earlier claim) wrote, if any
             await store.worker_heartbeat(worker_id, now, status, current)
-        else:
-            return  # a heartbeat from a worker this process has not seen claim: nothing to do
         self._seen[worker_id] = (now, status, current)
         if len(self._seen) > 10_000:
             cutoff = now - 60_000
@@ -585,7 +607,7 @@ def lease_lost(task_id: str) -> Problem:
     )
 
 
-def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
+def build_router(service: TaskService) -> APIRouter:
     router = APIRouter(tags=["tasks"])
     reader = require("tasks:read")
     writer = require("tasks:write")
@@ -599,7 +621,7 @@ def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
             raise NotFound("task", task_id)
         return task
 
-    async def submit(specs: Sequence[TaskSpec], principal: Principal) -> list[Any]:
+    async def submit(specs: Sequence[TaskSpec], principal: Principal) -> list[Submitted]:
         try:
             return await service.submit(specs, created_by=principal.subject)
         except TaskError as exc:
@@ -683,10 +705,12 @@ def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
     @router.get("/api/v1/tasks", response_model=TaskPage, summary="List tasks, newest first")
     async def list_tasks(
         status: Annotated[Status | None, Query()] = None,
-        queue: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX)] = None,
-        task_type: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX)] = None,
+        queue: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX, pattern=TEXT)] = None,
+        task_type: Annotated[
+            str | None, Query(min_length=1, max_length=NAME_MAX, pattern=TEXT)
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = PAGE_DEFAULT,
-        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        cursor: Annotated[str | None, Query(max_length=200, pattern=TEXT)] = None,
         _: Principal = reader,
     ) -> TaskPage:
         return await page(status, queue, task_type, limit, cursor)
@@ -790,7 +814,7 @@ def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
     )
     async def retry_task(task_id: TaskId, _: Principal = writer) -> RetryOut:
         try:
-            status = await service.retry(task_id)
+            status = await redrive_one(service, task_id)
         except TaskConflict as exc:
             raise Conflict(str(exc), "task-not-retryable") from None
         if status is None:
@@ -823,10 +847,12 @@ def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
 
     @router.get("/api/v1/dlq", response_model=TaskPage, summary="Dead tasks, newest first")
     async def dead_letters(
-        queue: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX)] = None,
-        task_type: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX)] = None,
+        queue: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX, pattern=TEXT)] = None,
+        task_type: Annotated[
+            str | None, Query(min_length=1, max_length=NAME_MAX, pattern=TEXT)
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = PAGE_DEFAULT,
-        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        cursor: Annotated[str | None, Query(max_length=200, pattern=TEXT)] = None,
         _: Principal = reader,
     ) -> TaskPage:
         return await page(Status.DEAD, queue, task_type, limit, cursor)
@@ -948,8 +974,8 @@ def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
         outcome = await store.fail(
             task_id,
             body.lease_token,
-            error=body.error,
-            traceback=body.traceback,
+            error=body.error.replace("\x00", "\ufffd"),
+            traceback=body.traceback.replace("\x00", "\ufffd") if body.traceback else None,
             retry_at_ms=retry_at,
             now_ms=now,
         )
@@ -969,6 +995,28 @@ def build_router(service: TaskService, runtime: Runtime) -> APIRouter:
     return router
 
 
+async def redrive_one(service: TaskService, task_id: str) -> Status | None:
+    """Re-drive one dead or cancelled task; TaskConflict for any other state, None if unknown.
+
+    TaskService.retry alone reports an already pending task as re-driven, so look first."""
+    task = await service.get(task_id)
+    if task is None:
+        return None
+    if task.status not in (Status.DEAD, Status.CANCELLED):
+        raise TaskConflict(task_id, task.status, "retried (only dead or cancelled tasks can be)")
+    # TaskService.retry makes the task pending whatever its dependencies: keep them binding.
+    for dep_id in task.dependencies:
+        dep = await service.get(dep_id)
+        if dep is None or dep.status is not Status.SUCCEEDED:
+            state = dep.status.value if dep else "gone"
+            raise TaskConflict(
+                task_id,
+                task.status,
+                f"retried before its dependency {dep_id} succeeds ({dep_id} is {state})",
+            )
+    return await service.retry(task_id)
+
+
 async def redrive_tasks(
     service: TaskService, task_ids: Sequence[str], *, everything: bool, queue: str | None = None
 ) -> RedriveOut:
@@ -978,7 +1026,7 @@ async def redrive_tasks(
 
     async def one(task_id: str) -> None:
         try:
-            status = await service.retry(task_id)
+            status = await redrive_one(service, task_id)
         except TaskConflict as exc:
             skipped.append(Skipped(task_id=task_id, reason=str(exc)))
             return
@@ -1052,7 +1100,7 @@ def mount(runtime: Runtime) -> Mount:
 
     return Mount(
         name="tasks",
-        routers=[build_router(service, runtime)],
+        routers=[build_router(service)],
         on_start=[on_start],
         on_stop=[on_stop],
     )

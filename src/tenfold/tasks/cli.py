@@ -50,7 +50,7 @@ def _with_service(job: Callable[[TaskService], Awaitable[T]]) -> T:
     try:
         settings = load_settings()
     except SettingsError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
     async def main() -> T:
@@ -112,10 +112,10 @@ def submit(
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        err.print(f"[red]error:[/] payload: must be JSON ({exc})", highlight=False)
+        err.print(f"[red]error:[/] payload: must be JSON ({exc})", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if delay < 0:
-        err.print("[red]error:[/] delay: must not be negative", highlight=False)
+        err.print("[red]error:[/] delay: must not be negative", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
     async def job(service: TaskService) -> tuple[str, bool, str]:
@@ -137,9 +137,13 @@ def submit(
         return done.task_id, done.created, task.status.value
 
     task_id, created, status = _with_service(job)
-    console.print(task_id, highlight=False)
+    console.print(task_id, highlight=False, soft_wrap=True)
     if not created:
-        err.print(f"the idempotency key matched an existing task ({status})", highlight=False)
+        err.print(
+            f"the idempotency key matched an existing task ({status})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -219,8 +223,10 @@ def cancel(task_id: str) -> None:
 def retry(task_id: str) -> None:
     """Re-drive a dead or cancelled task (same id, retries restored)."""
 
+    from tenfold.tasks.api import redrive_one
+
     async def job(service: TaskService) -> Any:
-        return await _act(service.retry, task_id)
+        return await _act(lambda task_id: redrive_one(service, task_id), task_id)
 
     _with_service(job)
     console.print(f"re-driven {task_id}: pending")
@@ -248,14 +254,14 @@ def stats() -> None:
     data = _with_service(job)
     table = Table(
         "queue",
-        "priority",
+        "prio",
         "pending",
-        "scheduled",
+        "sched",
         "waiting",
         "running",
-        "avg wait s",
-        "done/min",
-        title="task queues",
+        "wait s",
+        "per min",
+        title="task queues (wait and throughput over the last minute)",
     )
     for q in data["queues"]:
         paused = " (paused)" if q["queue"] in data["paused_queues"] else ""
@@ -296,7 +302,13 @@ def dlq_list(
         return list(found)
 
     dead = _with_service(job)
-    table = Table("task id", "type", "queue", "attempts", "failed", "error", title="dead letters")
+    if not dead:
+        console.print("no dead tasks")
+        return
+    table = Table(title="dead letters")
+    table.add_column("task id", no_wrap=True, min_width=36)
+    for name in ("type", "queue", "attempts", "failed", "error"):
+        table.add_column(name, overflow="fold")
     for t in dead:
         table.add_row(
             t.task_id,
@@ -307,8 +319,6 @@ def dlq_list(
             (t.error_message or "")[:80],
         )
     console.print(table)
-    if not dead:
-        console.print("no dead tasks")
 
 
 @dlq_app.command("redrive")
@@ -319,10 +329,12 @@ def dlq_redrive(
 ) -> None:
     """Re-drive dead tasks: by id, or --all."""
     if bool(task_ids) == all_:
-        err.print("[red]error:[/] give task ids or --all (not both)", highlight=False)
+        err.print(
+            "[red]error:[/] give task ids or --all (not both)", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(2)
     if queue is not None and not all_:
-        err.print("[red]error:[/] --queue only applies with --all", highlight=False)
+        err.print("[red]error:[/] --queue only applies with --all", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     from tenfold.tasks.api import RedriveOut, redrive_tasks
 
@@ -332,6 +344,6 @@ def dlq_redrive(
     out = _with_service(job)
     console.print(f"re-driven {len(out.redriven)} task(s)")
     for skip in out.skipped:
-        err.print(f"skipped {skip.task_id}: {skip.reason}", highlight=False)
+        err.print(f"skipped {skip.task_id}: {skip.reason}", highlight=False, soft_wrap=True)
     if out.skipped and not out.redriven:
         raise typer.Exit(1)
