@@ -100,7 +100,7 @@ async def test_retries_back_off_then_dead_letter(store: SqlTaskStore) -> None:
     assert task is not None and task.error_message == "E: y" and task.traceback == "tb2"
     assert await store.retry(task_id, T0 + 2_000) is Status.PENDING
     [c3] = await claim(store, now=T0 + 2_000)
-    assert c3.attempt == 1  # re-driven with its retries restored
+    assert c3.attempt == 3 and c3.max_retries == 3  # attempts go on; retries restored
 
 
 async def test_dependencies_release_and_doom(store: SqlTaskStore) -> None:
@@ -158,7 +158,7 @@ async def test_idempotency_key_returns_the_first_task(store: SqlTaskStore) -> No
     first = await store.submit([validate({"task_type": "t", "idempotency_key": "k"})], T0)
     again = await store.submit([validate({"task_type": "t", "idempotency_key": "k"})], T0)
     assert again == [(first[0][0], False)]
-    assert len(await store.list()) == 1
+    assert len(await store.list_tasks()) == 1
 
 
 async def test_cancel_pending_running_and_finished(store: SqlTaskStore) -> None:
@@ -240,7 +240,7 @@ async def test_batch_cycles_and_unknown_dependencies_are_rejected(store: SqlTask
     with pytest.raises(TaskError) as err:
         await service.submit([{"task_type": "a", "dependencies": ["nope"]}])
     assert "unknown task nope" in err.value.message
-    assert await store.list() == []  # nothing half-written
+    assert await store.list_tasks() == []  # nothing half-written
     async with store.engine.connect() as conn:
         assert (
             await conn.execute(sa.select(sa.func.count()).select_from(task_execution_history))

@@ -201,7 +201,7 @@ async def test_transactional_submit_exists_only_if_the_caller_commits(
         async with engine.begin() as conn:
             await h.client.submit({"task_type": "noop"}, conn=conn)
             raise Abort
-    assert await h.client.service.store.list() == []
+    assert await h.client.service.store.list_tasks() == []
     async with engine.begin() as conn:
         task_id = await h.client.submit({"task_type": "noop"}, conn=conn)
     assert await h.client.result(task_id, wait=10) is None

@@ -13,7 +13,6 @@ import orjson
 import structlog
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
 
 from tenfold.kernel.auth import Principal, require
 from tenfold.kernel.http import Conflict, InvalidField, NotFound, Problem
@@ -626,12 +625,6 @@ def build_router(service: TaskService) -> APIRouter:
             return await service.submit(specs, created_by=principal.subject)
         except TaskError as exc:
             raise InvalidField(exc.field, exc.message) from None
-        except IntegrityError:
-            # Two submits racing with one idempotency key: the loser's insert breaks the
-            # unique index; its second try finds the winner's task.
-            if not any(s.idempotency_key for s in specs):
-                raise
-            return await service.submit(specs, created_by=principal.subject)
 
     @router.post(
         "/api/v1/tasks",
@@ -722,7 +715,7 @@ def build_router(service: TaskService) -> APIRouter:
         limit: int,
         cursor: str | None,
     ) -> TaskPage:
-        found = await store.list(
+        found = await store.list_tasks(
             status=status.value if status else None,
             queue=queue,
             task_type=task_type,
@@ -996,24 +989,7 @@ def build_router(service: TaskService) -> APIRouter:
 
 
 async def redrive_one(service: TaskService, task_id: str) -> Status | None:
-    """Re-drive one dead or cancelled task; TaskConflict for any other state, None if unknown.
-
-    TaskService.retry alone reports an already pending task as re-driven, so look first."""
-    task = await service.get(task_id)
-    if task is None:
-        return None
-    if task.status not in (Status.DEAD, Status.CANCELLED):
-        raise TaskConflict(task_id, task.status, "retried (only dead or cancelled tasks can be)")
-    # TaskService.retry makes the task pending whatever its dependencies: keep them binding.
-    for dep_id in task.dependencies:
-        dep = await service.get(dep_id)
-        if dep is None or dep.status is not Status.SUCCEEDED:
-            state = dep.status.value if dep else "gone"
-            raise TaskConflict(
-                task_id,
-                task.status,
-                f"retried before its dependency {dep_id} succeeds ({dep_id} is {state})",
-            )
+    """Re-drive one dead or cancelled task; TaskConflict for any other state, None if unknown."""
     return await service.retry(task_id)
 
 
@@ -1041,7 +1017,7 @@ async def redrive_tasks(
         return RedriveOut(redriven=redriven, skipped=skipped)
     before: tuple[int, str] | None = None
     while True:
-        found = await service.store.list(status=Status.DEAD.value, queue=queue, before=before)
+        found = await service.store.list_tasks(status=Status.DEAD.value, queue=queue, before=before)
         if not found:
             break
         for task in found:

@@ -298,7 +298,9 @@ def dlq_list(
     from tenfold.tasks.models import Status
 
     async def job(service: TaskService) -> list[Task]:
-        found: Any = await service.store.list(status=Status.DEAD.value, queue=queue, limit=limit)
+        found: Any = await service.store.list_tasks(
+            status=Status.DEAD.value, queue=queue, limit=limit
+        )
         return list(found)
 
     dead = _with_service(job)

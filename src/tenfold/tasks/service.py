@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
@@ -22,7 +23,7 @@ from tenfold.tasks.models import (
     validate,
 )
 from tenfold.tasks.stores.notify import LocalNotifier, Notifier
-from tenfold.tasks.stores.sql import SqlTaskStore, UnknownDependency
+from tenfold.tasks.stores.sql import NotRedrivable, SqlTaskStore, UnknownDependency
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +116,29 @@ class TaskService:
             raise TaskError("dependencies", "cycle: " + " -> ".join(cycle))
         now = self.clock.now_ms()
         try:
+            result = await self._insert(specs, now, created_by, conn)
+        except IntegrityError:
+            # Two submits raced with one idempotency key: the loser's insert broke the unique
+            # index; a second try finds the winner's task. (In a caller's transaction the
+            # caller must retry: that transaction is now aborted.)
+            if conn is not None or not any(s.idempotency_key for s in specs):
+                raise
+            result = await self._insert(specs, now, created_by, None)
+        for queue in {s.queue for s in specs}:
+            self.notifier.after_commit(queue)
+        for spec, (_, created) in zip(specs, result, strict=True):
+            if created:
+                SUBMITTED.labels(spec.queue).inc()
+        return [Submitted(task_id, created) for task_id, created in result]
+
+    async def _insert(
+        self,
+        specs: Sequence[TaskSpec],
+        now: int,
+        created_by: str | None,
+        conn: AsyncConnection | None,
+    ) -> list[tuple[str, bool]]:
+        try:
             if conn is not None:
                 result = await self.store.submit(specs, now, created_by=created_by, conn=conn)
                 for queue in {s.queue for s in specs}:
@@ -126,12 +150,7 @@ class TaskService:
                         await self.notifier.notify(own, queue)
         except UnknownDependency as exc:
             raise TaskError("dependencies", f"unknown task {exc.task_id}") from None
-        for queue in {s.queue for s in specs}:
-            self.notifier.after_commit(queue)
-        for spec, (_, created) in zip(specs, result, strict=True):
-            if created:
-                SUBMITTED.labels(spec.queue).inc()
-        return [Submitted(task_id, created) for task_id, created in result]
+        return result
 
     async def get(self, task_id: str) -> Task | None:
         return await self.store.get(task_id)
@@ -143,9 +162,11 @@ class TaskService:
         return status
 
     async def retry(self, task_id: str) -> Status | None:
-        status = await self.store.retry(task_id, self.clock.now_ms())
-        if status is not None and status is not Status.PENDING:
-            raise TaskConflict(task_id, status, "retried (only dead or cancelled tasks can be)")
+        """Re-drive a dead or cancelled task; TaskConflict if it cannot be, None if unknown."""
+        try:
+            status = await self.store.retry(task_id, self.clock.now_ms())
+        except NotRedrivable as exc:
+            raise TaskConflict(task_id, exc.status, f"re-driven: {exc}") from None
         if status is not None:
             self.notifier.after_commit("*")
         return status

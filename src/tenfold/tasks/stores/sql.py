@@ -37,6 +37,14 @@ from tenfold.tasks.tables import (
 READY = (Status.PENDING.value, Status.SCHEDULED.value)
 
 
+class NotRedrivable(Exception):
+    """The task cannot be re-driven now; the message says why."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 class UnknownDependency(LookupError):
     def __init__(self, task_id: str) -> None:
         super().__init__(task_id)
@@ -245,6 +253,11 @@ class SqlTaskStore:
             await conn.execute(task_dependencies.insert(), dep_rows)
         return out
 
+    async def _announce(self, conn: AsyncConnection) -> None:
+        """Wake idle workers in every process (PostgreSQL; delivered on commit)."""
+        if not self.sqlite:
+            await conn.execute(sa.text("SELECT pg_notify('tenfold_tasks', '*')"))
+
     # -- reading --------------------------------------------------------------------------
 
     async def get(self, task_id: str) -> Task | None:
@@ -265,7 +278,7 @@ class SqlTaskStore:
             ).scalars()
             return row_to_task(row, list(deps))
 
-    async def list(
+    async def list_tasks(
         self,
         *,
         status: str | None = None,
@@ -620,6 +633,8 @@ class SqlTaskStore:
                 )
                 if result.status is not None:
                     out.append((task_id, result.status))
+            if out:
+                await self._announce(conn)
         return out
 
     async def _release_dependants(
@@ -656,6 +671,7 @@ class SqlTaskStore:
                         )
                     )
                 )
+                await self._announce(conn)
 
     async def _doom_dependants(
         self, conn: AsyncConnection, failed: Sequence[str], why: Status, now_ms: int
@@ -717,28 +733,51 @@ class SqlTaskStore:
             return Status.CANCELLED
 
     async def retry(self, task_id: str, now_ms: int) -> Status | None:
-        """Re-drive a dead or cancelled task: pending again, with its retries restored."""
+        """Re-drive a dead or cancelled task with its retries restored (attempt numbers go on).
+        It waits again for dependencies that have not finished; None if it does not exist."""
         async with self.engine.begin() as conn:
             row = (
-                await conn.execute(sa.select(tasks.c.status).where(tasks.c.task_id == task_id))
+                await conn.execute(
+                    sa.select(tasks.c.status, tasks.c.attempt, tasks.c.max_retries).where(
+                        tasks.c.task_id == task_id
+                    )
+                )
             ).first()
             if row is None:
                 return None
             status = Status(row[0])
             if status not in (Status.DEAD, Status.CANCELLED):
-                return status
+                raise NotRedrivable(status, "only dead or cancelled tasks can be re-driven")
+            deps = (
+                await conn.execute(
+                    sa.select(tasks.c.task_id, tasks.c.status)
+                    .join(task_dependencies, task_dependencies.c.depends_on == tasks.c.task_id)
+                    .where(task_dependencies.c.task_id == task_id)
+                )
+            ).all()
+            blocked = [d for d, st in deps if st in (Status.DEAD.value, Status.CANCELLED.value)]
+            if blocked:
+                raise NotRedrivable(
+                    status, f"its dependency {blocked[0]} did not succeed; re-drive that first"
+                )
+            open_deps = sum(1 for _, st in deps if st != Status.SUCCEEDED.value)
+            new = Status.WAITING if open_deps else Status.PENDING
             await conn.execute(
                 tasks.update()
                 .where(tasks.c.task_id == task_id)
                 .values(
-                    status=Status.PENDING.value,
-                    attempt=0,
+                    status=new.value,
+                    max_retries=row[1] + row[2],
                     run_at_ms=now_ms,
                     cancel_requested=False,
-                    pending_deps=0,
+                    pending_deps=open_deps,
+                    error_message=None,
+                    failed_at_ms=None,
                 )
             )
-            return Status.PENDING
+            if new is Status.PENDING:
+                await self._announce(conn)
+            return new
 
     async def set_paused(self, queue: str, paused: bool, now_ms: int) -> None:
         async with self.engine.begin() as conn:
@@ -820,7 +859,7 @@ class SqlTaskStore:
             types = (
                 await conn.execute(
                     sa.select(tasks.c.task_type, sa.func.count())
-                    .where(tasks.c.status.in_(READY))
+                    .where(tasks.c.status.in_(READY), tasks.c.run_at_ms <= now_ms)
                     .group_by(tasks.c.task_type)
                 )
             ).all()
