@@ -82,8 +82,10 @@ def _unavailable_on_connection_loss(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "handle_error")
     def _lost(context: Any) -> None:
+        error = context.original_exception
+        if isinstance(error, asyncio.CancelledError):
+            return  # a cancelled call is not an outage: let the cancellation through
         if context.is_disconnect and not context.is_pre_ping:
-            error = context.original_exception
             raise BackendUnavailable(
                 f"database connection lost: {type(error).__name__}: {error}"
             ) from error

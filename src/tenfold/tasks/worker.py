@@ -116,6 +116,7 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         self._flush_wanted = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self.completed = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -196,22 +197,42 @@ class Worker:
                 if not self._backlog:
                     await self._idle()
                     continue
-            await self._slots.acquire()
-            if self._stopping.is_set():
-                self._slots.release()
+            if not await self._acquire_slot():
                 break
             claim = self._backlog.pop(0)
             self._start(claim)
 
-    async def _idle(self) -> None:
-        """Nothing to do: flush results, then sleep until woken or the poll interval."""
-        self._flush_wanted.set()
+    async def _acquire_slot(self) -> bool:
+        """Wait for a free slot; False if the worker is told to stop meanwhile."""
+        if self._stopping.is_set():
+            return False
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        slot = asyncio.ensure_future(self._slots.acquire())
         stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if slot.done() and not slot.cancelled():
+            if self._stopping.is_set():
+                self._slots.release()
+                return False
+            return True
+        slot.cancel()
+        return False
+
+    async def _idle(self) -> None:
+        """Nothing to do: flush results, then sleep until new work, a freed slot, a stop, or
+        the poll interval."""
+        self._flush_wanted.set()
+        self._slot_freed.clear()
+        stop = asyncio.ensure_future(self._stopping.wait())
+        freed = asyncio.ensure_future(self._slot_freed.wait())
         wake = asyncio.ensure_future(self.notifier.wait(self.poll_seconds))
         try:
-            await asyncio.wait({stop, wake}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stop, freed, wake}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for f in (stop, wake):
+            for f in (stop, freed, wake):
                 f.cancel()
 
     async def _pause(self, seconds: float) -> None:
@@ -249,6 +270,7 @@ class Worker:
         finally:
             self._running.pop(claim.task_id, None)
             self._slots.release()
+            self._slot_freed.set()
 
     async def _call(self, definition: TaskDef, claim: Claimed, ctx: TaskContext) -> Any:
         payload = claim.payload
@@ -343,6 +365,9 @@ class Worker:
             accepted = await self.store.complete(
                 [(c.task_id, c.lease_token, r) for c, r in batch], now
             )
+        except asyncio.CancelledError:
+            self._done = batch + self._done  # run() flushes them once more on the way out
+            raise
         except Exception as exc:
             log.warning("tasks.complete_failed", error=str(exc), tasks=len(batch))
             self._done = batch + self._done  # keep them; the lease covers the retry
