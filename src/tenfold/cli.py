@@ -302,6 +302,100 @@ def keys_revoke(key_id: str) -> None:
 
 
 @app.command()
+def worker(
+    app_ref: Annotated[
+        str, typer.Option("--app", envvar="TENFOLD_WORKER_APP", help="module:registry to run")
+    ],
+    queues: Annotated[
+        str, typer.Option(envvar="TENFOLD_WORKER_QUEUES", help="Comma-separated queues")
+    ] = "default",
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            envvar="TENFOLD_WORKER_CONCURRENCY",
+            help="Processes (process pool; default: CPUs) or tasks at once (asyncio; 10)",
+        ),
+    ] = None,
+    pool: Annotated[
+        str, typer.Option(envvar="TENFOLD_WORKER_POOL", help="process or asyncio")
+    ] = "process",
+    autoscale: Annotated[
+        str | None,
+        typer.Option(envvar="TENFOLD_WORKER_AUTOSCALE", help="MIN:MAX processes by queue depth"),
+    ] = None,
+    resources: Annotated[
+        str, typer.Option(envvar="TENFOLD_WORKER_RESOURCES", help="Offered tags, e.g. gpu,cpu")
+    ] = "",
+    lease_seconds: Annotated[
+        float, typer.Option(envvar="TENFOLD_WORKER_LEASE_SECONDS", help="Task lease")
+    ] = 30.0,
+    heartbeat_seconds: Annotated[
+        float | None,
+        typer.Option(envvar="TENFOLD_WORKER_HEARTBEAT_SECONDS", help="Default: lease/3, max 5"),
+    ] = None,
+    poll_seconds: Annotated[
+        float, typer.Option(envvar="TENFOLD_WORKER_POLL_SECONDS", help="Poll without NOTIFY")
+    ] = 1.0,
+    prefetch: Annotated[
+        int | None,
+        typer.Option(envvar="TENFOLD_WORKER_PREFETCH", help="Tasks claimed ahead per process"),
+    ] = None,
+    grace_seconds: Annotated[
+        float,
+        typer.Option(envvar="TENFOLD_WORKER_GRACE_SECONDS", help="Shutdown grace period"),
+    ] = 30.0,
+    pool_id: Annotated[
+        str, typer.Option(envvar="TENFOLD_WORKER_POOL_ID", help="Worker pool name")
+    ] = "default",
+    schedules: Annotated[
+        bool,
+        typer.Option(envvar="TENFOLD_WORKER_SCHEDULES", help="Fire cron schedules here"),
+    ] = True,
+    scale_check_seconds: Annotated[
+        float, typer.Option(envvar="TENFOLD_WORKER_SCALE_CHECK_SECONDS")
+    ] = 5.0,
+    scale_cooldown_seconds: Annotated[
+        float, typer.Option(envvar="TENFOLD_WORKER_SCALE_COOLDOWN_SECONDS")
+    ] = 30.0,
+    scale_wait_seconds: Annotated[
+        float, typer.Option(envvar="TENFOLD_WORKER_SCALE_WAIT_SECONDS")
+    ] = 5.0,
+) -> None:
+    """Run task workers: supervised processes (default) or one asyncio process."""
+    from tenfold.tasks.supervisor import WorkerOptions, WorkerSetupError, load_registry, serve
+
+    try:
+        options = WorkerOptions.build(
+            app_ref,
+            queues=queues,
+            concurrency=concurrency,
+            pool=pool,
+            autoscale=autoscale,
+            resources=resources,
+            lease_seconds=lease_seconds,
+            heartbeat_seconds=heartbeat_seconds,
+            poll_seconds=poll_seconds,
+            prefetch=prefetch,
+            grace_seconds=grace_seconds,
+            pool_id=pool_id,
+            schedules=schedules,
+            scale_check_seconds=scale_check_seconds,
+            scale_cooldown_seconds=scale_cooldown_seconds,
+            scale_wait_seconds=scale_wait_seconds,
+        )
+        load_registry(options.app)
+    except WorkerSetupError as exc:
+        raise fail(str(exc), 2) from None
+    settings = settings_or_exit()
+    _check_backends(settings)
+    if settings.should_migrate_on_serve:
+        _migrate(settings)
+    else:
+        _require_migrated(settings)
+    serve(options, settings)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     console.print(__version__)
