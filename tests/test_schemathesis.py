@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,23 +43,9 @@ METHODS = ("get", "put", "post", "delete", "patch")
 SQLITE_MAX_INT = 2**63 - 1
 
 
-def _overflowing_path_id(case: schemathesis.Case) -> bool:
-    return any(
-        isinstance(v, int) and not isinstance(v, bool) and abs(v) > SQLITE_MAX_INT
-        for v in (case.path_parameters or {}).values()
-    )
-
-
-# Bugs found by this run in code this file's authors may not change, reported to its owners.
-# A case matching one of these may answer 5xx; test_known_bugs_are_still_there (strict xfail)
-# turns red the day a bug is fixed, so its entry is removed.
-KNOWN_BUGS = {
-    # ratelimit/api.py: `policy_id: int` has no bounds; SQLite overflows past 2**63-1
-    # (PostgreSQL's int4 column already past 2**31-1) and the driver error becomes a 500.
-    "ratelimit: a policy_id path id out of the column's range is a 500, not a 404/422": (
-        _overflowing_path_id
-    ),
-}
+# Bugs found by this run in code its authors may not change, reported to its owners. A case
+# matching one of these may answer 5xx. None are open.
+KNOWN_BUGS: dict[str, Callable[[schemathesis.Case], bool]] = {}
 
 
 def dont_wait(case: schemathesis.Case) -> None:
@@ -183,14 +169,12 @@ def test_operation_conforms_to_its_schema(
         pytest.xfail(f"known bug: {known[0]}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,  # the app's unhandled error, re-raised by the ASGI client
-    reason="known bug; when this passes, remove its entry from KNOWN_BUGS",
-)
-def test_known_bugs_are_still_there(api: tuple[schemathesis.BaseSchema, str]) -> None:
+def test_out_of_range_ids_are_refused_not_crashed(
+    api: tuple[schemathesis.BaseSchema, str],
+) -> None:
     schema, key = api
     response = asgi.get_client(schema.app).get(
         f"/api/v1/policies/{SQLITE_MAX_INT + 1}", headers={"Authorization": f"Bearer {key}"}
     )
-    assert response.status_code < 500
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "policy_id"

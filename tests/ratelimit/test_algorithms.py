@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,38 +102,45 @@ def test_sliding_counter_matches_reference(rate, window, seq) -> None:  # type: 
         assert (got.allowed, got.remaining, got.retry_ms) == ref.hit(now, weight)
 
 
-def test_retry_after_is_when_the_request_is_first_allowed() -> None:
-    for algorithm in Algorithm:
-        limit = Limit.of(algorithm, 5, 10)
-        state = None
-        log = SlidingLog()
-        now = T0 + 1234
+STEPS = {
+    Algorithm.TOKEN_BUCKET: token_bucket,
+    Algorithm.GCRA: gcra,
+    Algorithm.FIXED_WINDOW: fixed_window,
+    Algorithm.SLIDING_WINDOW_COUNTER: sliding_window_counter,
+}
 
-        def hit(at: int) -> Decision:
-            nonlocal state
-            if algorithm is Algorithm.SLIDING_WINDOW:
-                d = sliding_log(limit, log, at, 1)
-                if d.allowed:
-                    log.entries.append((at, 1))
-                    log.total += 1
-                return d
-            fn = {
-                Algorithm.TOKEN_BUCKET: token_bucket,
-                Algorithm.GCRA: gcra,
-                Algorithm.FIXED_WINDOW: fixed_window,
-                Algorithm.SLIDING_WINDOW_COUNTER: sliding_window_counter,
-            }[algorithm]
-            d, new = fn(limit, state, at, 1)
+
+class Runner:
+    """Feeds hits of weight 1 to one algorithm, committing allowed ones."""
+
+    def __init__(self, algorithm: Algorithm, limit: Limit) -> None:
+        self.algorithm, self.limit = algorithm, limit
+        self.state: object = None
+        self.log = SlidingLog()
+
+    def hit(self, at: int) -> Decision:
+        if self.algorithm is Algorithm.SLIDING_WINDOW:
+            d = sliding_log(self.limit, self.log, at, 1)
             if d.allowed:
-                state = new
+                self.log.entries.append((at, 1))
+                self.log.total += 1
             return d
+        d, new = STEPS[self.algorithm](self.limit, self.state, at, 1)  # type: ignore[operator]
+        if d.allowed:
+            self.state = new
+        return d
 
-        while hit(now).allowed:
-            now += 100
-        denied = hit(now)
-        assert denied.retry_ms > 0, algorithm
-        assert not hit(now + denied.retry_ms - 1).allowed, algorithm
-        assert hit(now + denied.retry_ms).allowed, algorithm
+
+@pytest.mark.parametrize("algorithm", list(Algorithm))
+def test_retry_after_is_when_the_request_is_first_allowed(algorithm: Algorithm) -> None:
+    runner = Runner(algorithm, Limit.of(algorithm, 5, 10))
+    now = T0 + 1234
+    while runner.hit(now).allowed:
+        now += 100
+    denied = runner.hit(now)
+    assert denied.retry_ms > 0
+    assert not runner.hit(now + denied.retry_ms - 1).allowed
+    assert runner.hit(now + denied.retry_ms).allowed
 
 
 def test_limit_validation_names_the_field() -> None:

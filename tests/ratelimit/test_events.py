@@ -11,12 +11,12 @@ import sqlalchemy as sa
 from tenfold.kernel.clock import ManualClock
 from tenfold.kernel.kv import RedisKV
 from tenfold.kernel.sql import create_engine
+from tenfold.ratelimit.api import build_policy
 from tenfold.ratelimit.models import CheckContext
 from tenfold.ratelimit.service import EVENT_QUEUE, EVENTS_DROPPED, RateLimitService
 from tenfold.ratelimit.stores.memory import MemoryCounterStore
 from tenfold.ratelimit.stores.redis import RedisCounterStore
 from tenfold.ratelimit.stores.sql import SqlPolicyStore, events
-from tenfold.ratelimit.api import build_policy
 from tests.backends import REDIS_URL, delete_prefix, new_prefix, redis_available
 
 

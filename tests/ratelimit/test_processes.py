@@ -71,7 +71,7 @@ async def two_servers(stack: dict[str, Any], tmp_path: Any) -> AsyncIterator[tup
             "--log-level",
             "warning",
         ]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env))  # noqa: ASYNC220 - starting is instant
         urls.append(f"http://127.0.0.1:{port}")
     try:
         await asyncio.gather(*(wait_ready(u, p) for u, p in zip(urls, procs, strict=True)))

@@ -43,6 +43,7 @@ from tenfold.ratelimit.stores.sql import SqlPolicyStore
 log = structlog.get_logger(__name__)
 
 MAX_ID = 255
+MAX_POLICY_ID = 2**31 - 1  # the column is a 32-bit integer on PostgreSQL
 MAX_CLIENTS_PER_CALL = 1_000
 POLL_SECONDS = 1.0  # fallback when a pub/sub message is lost, and for CLI changes
 FLUSH_SECONDS = 0.05  # async checks reach the shared store within this
@@ -306,6 +307,9 @@ def _policy_dict(p: Policy) -> dict[str, Any]:
     return policy_out(p).model_dump()
 
 
+PolicyId = Annotated[int, Path(ge=1, le=MAX_POLICY_ID)]
+
+
 # --- router --------------------------------------------------------------------------------
 
 
@@ -385,7 +389,7 @@ def build_router(
     @router.get("/api/v1/ratelimit/status", response_model=StatusResponse)
     async def status(
         client_id: Annotated[str, Query(min_length=1, max_length=MAX_ID)],
-        policy_id: int | None = None,
+        policy_id: Annotated[int | None, Query(ge=1, le=MAX_POLICY_ID)] = None,
         api_key: Annotated[str, Query(max_length=MAX_ID)] = "",
         resource: Annotated[str, Query(max_length=2048)] = "",
         ip: Annotated[str, Query(max_length=64)] = "",
@@ -434,11 +438,13 @@ def build_router(
         return PolicyList(policies=[policy_out(p) for p in page], next_after=next_after)
 
     @router.get("/api/v1/policies/{policy_id}", response_model=PolicyOut)
-    async def read_policy(policy_id: int, _: Principal = reader) -> PolicyOut:
+    async def read_policy(policy_id: PolicyId, _: Principal = reader) -> PolicyOut:
         return policy_out(await get_policy(policy_id))
 
     @router.patch("/api/v1/policies/{policy_id}", response_model=PolicyOut)
-    async def update_policy(policy_id: int, body: PolicyPatch, _: Principal = admin) -> PolicyOut:
+    async def update_policy(
+        policy_id: PolicyId, body: PolicyPatch, _: Principal = admin
+    ) -> PolicyOut:
         current = await get_policy(policy_id)
         merged = _policy_dict(current) | body.model_dump(exclude_unset=True)
         if "rate_limit" in body.model_fields_set and "burst_capacity" not in body.model_fields_set:
@@ -456,14 +462,14 @@ def build_router(
         return policy_out(updated)
 
     @router.delete("/api/v1/policies/{policy_id}", status_code=204, response_class=Response)
-    async def delete_policy(policy_id: int, _: Principal = admin) -> Response:
+    async def delete_policy(policy_id: PolicyId, _: Principal = admin) -> Response:
         await get_policy(policy_id)
         await store.delete(policy_id)
         await changed()
         return Response(status_code=204)
 
     @router.put("/api/v1/policies/{policy_id}/clients", response_model=AssignOut)
-    async def assign(policy_id: int, body: AssignIn, _: Principal = admin) -> AssignOut:
+    async def assign(policy_id: PolicyId, body: AssignIn, _: Principal = admin) -> AssignOut:
         """Assign the policy to clients (replacing an assignment with the same start)."""
         policy = await get_policy(policy_id)
         if body.effective_from and body.effective_to and body.effective_to <= body.effective_from:
@@ -500,7 +506,7 @@ def build_router(
         return AssignOut(policy_id=policy_id, assigned=[assignment_out(a) for a in rows])
 
     @router.get("/api/v1/policies/{policy_id}/clients", response_model=AssignmentList)
-    async def list_assignments(policy_id: int, _: Principal = reader) -> AssignmentList:
+    async def list_assignments(policy_id: PolicyId, _: Principal = reader) -> AssignmentList:
         await get_policy(policy_id)
         found = [
             a

@@ -156,7 +156,7 @@ def _trusted(address: str, networks: Sequence[Network]) -> bool:
 def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
     """The peer address; through trusted proxies, the right-most untrusted X-Forwarded-For hop."""
     client = scope.get("client")
-    peer = client[0] if client else None
+    peer: str | None = str(client[0]) if client else None
     if peer is None or not trusted or not _trusted(peer, trusted):
         return peer
     forwarded = RawHeaders(scope).get("x-forwarded-for")

@@ -148,9 +148,9 @@ class PolicyBook:
                 ):
                     best[a.policy_id] = a
         for policy_id, a in best.items():
-            p = self.by_id.get(policy_id)
-            if p is not None and p.is_active:
-                chosen[policy_id] = (p, a.override_rate_limit)
+            assigned = self.by_id.get(policy_id)
+            if assigned is not None and assigned.is_active:
+                chosen[policy_id] = (assigned, a.override_rate_limit)
         return [
             (p, override)
             for p, override in chosen.values()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tenfold.ratelimit.algorithms import (
     Algorithm,
     Decision,
+    Limit,
     SlidingLog,
     fixed_window,
     gcra,
@@ -18,7 +19,8 @@ from tenfold.ratelimit.algorithms import (
 )
 from tenfold.ratelimit.store import Probe
 
-_STEP = {
+Step = Callable[[Limit, Any, int, int], tuple[Decision, Any]]
+_STEP: dict[Algorithm, Step] = {
     Algorithm.TOKEN_BUCKET: token_bucket,
     Algorithm.GCRA: gcra,
     Algorithm.FIXED_WINDOW: fixed_window,
