@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.installed
+
+$(VENV)/.bench-installed: $(VENV)/.dev-installed
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
+	touch $@
 
 run: $(VENV)/.installed
 	$(BIN)/tenfold serve
@@ -38,8 +42,8 @@ imports:
 pytest:
 	$(BIN)/pytest -q -p no:cacheprovider
 
-bench: $(VENV)/.dev-installed
-	$(BIN)/python -m benchmarks ratelimit
+bench: $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks http ratelimit tasks
 
 clean:
 	rm -rf $(VENV) .tenfold .pytest_cache .mypy_cache .ruff_cache .hypothesis
