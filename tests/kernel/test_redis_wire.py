@@ -571,3 +571,18 @@ async def test_counter_store_decides_the_same_on_the_wire_and_on_redis_py(prefix
     finally:
         await wire.aclose()
         await fallback.aclose()
+
+
+def test_async_wire_runs_on_uvloop() -> None:
+    """uvicorn serves on uvloop, whose transports are not asyncio.Transport subclasses."""
+    redis_available()
+    import uvloop
+
+    async def main() -> bytes:
+        wire = AsyncWire(REDIS_URL)
+        try:
+            return bytes(await wire.call("ECHO", "uvloop"))
+        finally:
+            await wire.close()
+
+    assert uvloop.run(main()) == b"uvloop"
