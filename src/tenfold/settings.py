@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     ratelimit_replicas: int = Field(default=1, ge=1)  # for the `local` Redis-outage mode
     ratelimit_events_sample: float = Field(default=0.01, ge=0.0, le=1.0)
 
+    # Task queue: `tenfold serve` also runs these tasks in-process (empty: no embedded worker).
+    tasks_app: str = ""  # module:registry
+    tasks_concurrency: int = Field(default=4, ge=1, le=256)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -5,6 +5,7 @@ docs/tasks-worker-protocol.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -46,6 +47,7 @@ from tenfold.tasks.service import (
 from tenfold.tasks.stores.notify import LocalNotifier, Notifier, PgNotifier
 from tenfold.tasks.stores.sql import SqlTaskStore, release
 from tenfold.tasks.timeutil import from_ms
+from tenfold.tasks.worker import Worker
 
 log = structlog.get_logger(__name__)
 
@@ -1062,6 +1064,8 @@ async def _every(seconds: float, job: Callable[[], Awaitable[Any]], name: str) -
 def mount(runtime: Runtime) -> Mount:
     service = service_for(runtime)
 
+    workers: list[tuple[Worker, asyncio.Task[None]]] = []
+
     async def on_start() -> None:
         if runtime.services.get("tasks:started"):
             return
@@ -1069,8 +1073,27 @@ def mount(runtime: Runtime) -> Mount:
         if isinstance(service.notifier, PgNotifier):
             await service.notifier.start()
         runtime.spawn(_every(SWEEP_SECONDS, service.sweep, "sweep"), "tasks-sweep")
+        app_ref = runtime.settings.tasks_app
+        if app_ref:
+            # Embedded: the server runs the application's tasks itself (asyncio pool).
+            from tenfold.tasks.supervisor import load_registry
+
+            worker = Worker(
+                service.store,
+                load_registry(app_ref),
+                concurrency=runtime.settings.tasks_concurrency,
+                notifier=service.notifier,
+                clock=runtime.clock,
+                pool="embedded",
+            )
+            workers.append((worker, asyncio.ensure_future(worker.run())))
 
     async def on_stop() -> None:
+        for worker, task in workers:
+            worker.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, worker.cancel_grace + 5)
+        workers.clear()
         await service.notifier.close()
         runtime.services.pop("tasks:started", None)
 
