@@ -374,12 +374,13 @@ def http_result(quick: bool, ceiling: dict[str, Any]) -> dict[str, Any]:
     """tenfold's check endpoint on uvicorn (one process, memory backends)."""
     peer = ceiling["scenario"]
     data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-"))
+    (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
     env.update(
         TENFOLD_DATA_DIR=str(data_dir),
         TENFOLD_SERVICES="ratelimit",
         TENFOLD_LOG_LEVEL="warning",
-        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),  # none: ignore a tenfold.toml in the cwd
+        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),
     )
 
     def measure_check() -> bench_http.HttpFigures:
