@@ -124,7 +124,11 @@ def stack(
 
 
 def make_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"log_format": "json", "ratelimit_events_sample": 0.0}
+    base: dict[str, Any] = {
+        "log_format": "json",
+        "ratelimit_events_sample": 0.0,
+        "gc_freeze": False,  # many apps share one test process
+    }
     base.update(overrides)
     return Settings(**base)
 

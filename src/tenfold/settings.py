@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     auto_migrate: bool | None = None  # None: migrate on serve in embedded mode only
     create_admin_key: bool = True
+    gc_freeze: bool = True  # move start-up objects out of the cyclic collector's way
 
     # Rate limiting of tenfold's own API.
     ratelimit_guard: bool = True
