@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import stat
@@ -131,6 +132,22 @@ async def test_revoked_key_is_refused_everywhere_after_the_cache_window(
     assert await elsewhere.verify(plaintext) is not None  # the documented bound, not a bug
     clock.advance(0.5)
     assert await elsewhere.verify(plaintext) is None
+
+
+async def test_a_busy_key_is_refreshed_before_it_expires(
+    engine: AsyncEngine, clock: ManualClock
+) -> None:
+    keys = KeyStore(engine, clock)
+    record, plaintext = await keys.create("k", ["*"])
+    assert await keys.verify(plaintext) is not None
+    first_expiry = keys._cache[record.key_id][0]
+    clock.advance(CACHE_SECONDS * 0.9)  # in the refresh-ahead window
+    assert await keys.verify(plaintext) is not None  # answered from the cache at once
+    await asyncio.gather(*keys._loading.values())  # the background refresh
+    assert keys._cache[record.key_id][0] > first_expiry
+    clock.advance(CACHE_SECONDS * 0.2)  # past the first expiry: still cached, no wait
+    assert await keys.verify(plaintext) is not None
+    assert not keys._loading
 
 
 @pytest.mark.parametrize("scopes", [[], ["ratelimit"], ["ratelimit:delete"], [":read"], ["*:*"]])

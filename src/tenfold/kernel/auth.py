@@ -8,6 +8,7 @@ Scopes are `<service>:read`, `<service>:write`, `<service>:admin`, or `*` for al
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -29,6 +30,7 @@ from tenfold.kernel.sql import metadata
 LEVELS = ("read", "write", "admin")
 KEY_PREFIX = "tf_"
 CACHE_SECONDS = 5.0  # a revoked key stops working everywhere within this bound
+REFRESH_AHEAD = 0.2  # in the last fifth of that, a use refreshes the entry in the background
 
 api_keys = sa.Table(
     "api_keys",
@@ -121,6 +123,9 @@ class KeyStore:
     engine: AsyncEngine
     clock: Clock = SYSTEM_CLOCK
     _cache: dict[str, tuple[float, str, Principal | None]] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Future[tuple[float, str, Principal | None]]] = field(
+        default_factory=dict
+    )
 
     async def create(
         self, name: str, scopes: list[str], owner: str | None = None
@@ -182,25 +187,42 @@ class KeyStore:
         now = self.clock.now()
         cached = self._cache.get(key_id)
         if cached is None or cached[0] <= now:
+            cached = await self._lookup(key_id)  # expired: wait (one query for all waiters)
+        elif cached[0] - now < CACHE_SECONDS * REFRESH_AHEAD and key_id not in self._loading:
+            # Nearly expired: refresh in the background so busy keys never wait on SQL.
+            self._loading[key_id] = asyncio.ensure_future(self._load(key_id))
+        _, stored_hash, principal = cached
+        if principal is None or not hmac.compare_digest(stored_hash, _hash(secret)):
+            return None
+        return principal
+
+    async def _lookup(self, key_id: str) -> tuple[float, str, Principal | None]:
+        loading = self._loading.get(key_id)
+        if loading is None:
+            loading = self._loading[key_id] = asyncio.ensure_future(self._load(key_id))
+        return await asyncio.shield(loading)
+
+    async def _load(self, key_id: str) -> tuple[float, str, Principal | None]:
+        try:
             async with self.engine.connect() as conn:
                 row = (
                     (await conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id)))
                     .mappings()
                     .first()
                 )
+            now = self.clock.now()
             if row is None or row["revoked_at"] is not None:
-                cached = (now + CACHE_SECONDS, "", None)
+                entry: tuple[float, str, Principal | None] = (now + CACHE_SECONDS, "", None)
             else:
                 record = _record(row)
                 found = Principal(key_id, record.name, frozenset(record.scopes), record.owner)
-                cached = (now + CACHE_SECONDS, str(row["secret_hash"]), found)
+                entry = (now + CACHE_SECONDS, str(row["secret_hash"]), found)
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[key_id] = cached
-        _, stored_hash, principal = cached
-        if principal is None or not hmac.compare_digest(stored_hash, _hash(secret)):
-            return None
-        return principal
+            self._cache[key_id] = entry
+            return entry
+        finally:
+            self._loading.pop(key_id, None)
 
 
 def _record(row: Any) -> ApiKeyRecord:
