@@ -196,6 +196,12 @@ class KeyStore:
             return None
         return principal
 
+    async def close(self) -> None:
+        """Let background refreshes finish (before the engine is disposed)."""
+        pending = list(self._loading.values())
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def _lookup(self, key_id: str) -> tuple[float, str, Principal | None]:
         loading = self._loading.get(key_id)
         if loading is None:

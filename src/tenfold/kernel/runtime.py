@@ -54,12 +54,35 @@ class Runtime:
     clock: Clock = SYSTEM_CLOCK
     services: dict[str, Any] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
         engine = create_engine(settings.database_url)
         kv = kv_from_url(settings.redis_url, settings.redis_prefix, clock)
         return cls(settings, engine, kv, KeyStore(engine, clock), clock)
+
+    def every(
+        self, seconds: float, job: Callable[[], Awaitable[object]], name: str
+    ) -> asyncio.Task[Any]:
+        """Run `job` every `seconds` until the runtime closes. A job is never cut off in the
+        middle (a cancelled database call can leave its connection behind)."""
+
+        async def loop() -> None:
+            while not self._stopping.is_set():
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), seconds)
+                    return
+                except TimeoutError:
+                    pass
+                try:
+                    await job()
+                except Exception as exc:
+                    log.warning(
+                        "runtime.job_failed", job=name, error=f"{type(exc).__name__}: {exc}"
+                    )
+
+        return self.spawn(loop(), name)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """Run a background coroutine tied to this runtime's life."""
@@ -81,11 +104,15 @@ class Runtime:
         return results
 
     async def close(self) -> None:
+        self._stopping.set()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.keys.close()
         await self.kv.close()
         await self.engine.dispose()
 

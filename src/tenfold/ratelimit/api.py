@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from datetime import UTC, datetime
@@ -596,17 +595,6 @@ def service_for(runtime: Runtime) -> RateLimitService:
     return service
 
 
-async def _every(seconds: float, job: Any, name: str) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await job()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("ratelimit.background_failed", job=name, error=str(exc))
-
-
 def start_hooks(runtime: Runtime, service: RateLimitService) -> tuple[Any, Any]:
     subscription: list[Any] = []
 
@@ -620,9 +608,9 @@ def start_hooks(runtime: Runtime, service: RateLimitService) -> tuple[Any, Any]:
             await service.reload()
 
         subscription.append(await runtime.kv.subscribe(POLICY_CHANNEL, on_message))
-        runtime.spawn(_every(POLL_SECONDS, service.reload_if_stale, "poll"), "ratelimit-poll")
-        runtime.spawn(_every(1.0, service.flush_events, "events"), "ratelimit-events")
-        runtime.spawn(_every(FLUSH_SECONDS, service.flush_pending, "async"), "ratelimit-async")
+        runtime.every(POLL_SECONDS, service.reload_if_stale, "ratelimit-poll")
+        runtime.every(1.0, service.flush_events, "ratelimit-events")
+        runtime.every(FLUSH_SECONDS, service.flush_pending, "ratelimit-async")
 
     async def on_stop() -> None:
         for sub in subscription:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -1050,17 +1050,6 @@ def service_for(runtime: Runtime) -> TaskService:
     return service
 
 
-async def _every(seconds: float, job: Callable[[], Awaitable[Any]], name: str) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await job()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("tasks.background_failed", job=name, error=str(exc))
-
-
 def mount(runtime: Runtime) -> Mount:
     service = service_for(runtime)
 
@@ -1072,7 +1061,7 @@ def mount(runtime: Runtime) -> Mount:
         runtime.services["tasks:started"] = True
         if isinstance(service.notifier, PgNotifier):
             await service.notifier.start()
-        runtime.spawn(_every(SWEEP_SECONDS, service.sweep, "sweep"), "tasks-sweep")
+        runtime.every(SWEEP_SECONDS, service.sweep, "tasks-sweep")
         app_ref = runtime.settings.tasks_app
         if app_ref:
             # Embedded: the server runs the application's tasks itself (asyncio pool).
