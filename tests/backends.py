@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -53,6 +56,31 @@ def delete_prefix(prefix: str) -> None:
 
 def new_prefix() -> str:
     return f"tftest{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
+    """Poll a server the test started until /healthz answers (or the process exits)."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if (await client.get(url + "/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)  # polls the child's readiness
+    raise RuntimeError("server did not start")
 
 
 def _pg_admin_url() -> str:

@@ -24,7 +24,7 @@ from tenfold.kernel.redis_wire import (
     encode_command,
     parse_redis_url,
 )
-from tests.backends import IN_CI, REDIS_URL, delete_prefix, redis_available
+from tests.backends import IN_CI, REDIS_URL, delete_prefix, free_port, redis_available
 
 PASSWORD = "s3cret"
 
@@ -33,12 +33,6 @@ def fresh_script(body: str) -> tuple[str, str]:
     """A script whose SHA the server has never seen (a random comment), and that SHA."""
     source = f"-- tfwire {uuid.uuid4().hex}\n{body}"
     return source, hashlib.sha1(source.encode()).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- encoding and URLs ---------------------------------------------------------------------

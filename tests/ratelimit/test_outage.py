@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,14 +14,8 @@ import redis
 
 from tenfold.kernel.clock import ManualClock
 from tenfold.kernel.telemetry import REGISTRY
-from tests.backends import IN_CI
+from tests.backends import IN_CI, free_port
 from tests.conftest import make_settings, serve_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,30 +15,10 @@ import pytest
 
 from tenfold.kernel.auth import KeyStore
 from tenfold.kernel.sql import create_engine
-from tests.backends import REDIS_URL
+from tests.backends import REDIS_URL, free_port, wait_ready
 
 # Two processes share counters only through Redis: the scale-out stack.
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("stack", ["scale"], indirect=True)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if (await client.get(url + "/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)  # polls the child's readiness
-    raise RuntimeError("server did not start")
 
 
 @pytest.fixture

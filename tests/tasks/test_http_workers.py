@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from tenfold.tasks.service import TaskService
 from tenfold.tasks.stores.notify import LocalNotifier, Notifier, PgNotifier
 from tenfold.tasks.stores.sql import SqlTaskStore
 from tenfold.tasks.worker import TaskContext, Worker
+from tests.backends import free_port, wait_ready
 from tests.conftest import make_settings, serve_app
 from tests.tasks.test_api import Api, problem_field, until
 
@@ -273,27 +273,6 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path | None = None) -> subpr
         return subprocess.Popen(cmd, env=env)
     with log.open("wb") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient() as client:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if (await client.get(url + "/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.05)  # polls the child's readiness
-    raise RuntimeError("server did not start")
 
 
 @pytest.fixture
