@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks._runner import log, tail
+from benchmarks._runner import delete_prefix, log, tail
 
 REPO = Path(__file__).resolve().parent.parent
 PG_HOST = "127.0.0.1"
@@ -220,14 +220,7 @@ def delete_redis_prefix(prefix: str = REDIS_PREFIX) -> int:
         return 0
     deleted = 0
     try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}*", count=1_000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += int(client.unlink(*batch))
-                batch.clear()
-        if batch:
-            deleted += int(client.unlink(*batch))
+        deleted = delete_prefix(client, prefix)
     except Exception as exc:
         log(f"tasks: could not delete Redis keys under {prefix}: {one_line(exc)}")
     finally:

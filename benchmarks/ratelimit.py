@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks import http as bench_http
-from benchmarks._runner import Timing, log, measure, result, timing_result, wait_until
+from benchmarks._runner import (
+    Timing,
+    delete_prefix,
+    log,
+    measure,
+    result,
+    timing_result,
+    wait_until,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RATE = 100_000  # per key per window: tenfold's sliding_window log allows at most 100,000
@@ -202,20 +210,6 @@ def count_commands(client: Any, check: Check, ops: int = 1_000, repeats: int = 3
             )
     assert best is not None
     return best
-
-
-def delete_prefix(client: Any, prefix: str) -> int:
-    """Delete the keys under our own prefix, and only those."""
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}*", count=1_000):
-        batch.append(key)
-        if len(batch) >= 500:
-            deleted += int(client.unlink(*batch))
-            batch.clear()
-    if batch:
-        deleted += int(client.unlink(*batch))
-    return deleted
 
 
 # --- groups --------------------------------------------------------------------------------

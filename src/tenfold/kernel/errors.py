@@ -20,3 +20,12 @@ class BackendUnavailable(StorageError):
 
 class MigrationError(StorageError):
     """A database migration failed; the database was left at its previous revision."""
+
+
+class FieldError(ValueError):
+    """Input is invalid; `field` names the offending input (422 over HTTP)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 
+from tenfold.kernel.errors import FieldError
+
 MAX_EXACT = 2**53
 
 
@@ -37,13 +39,8 @@ SLIDING_LOG_MAX_RATE = 100_000  # the log keeps one entry per admitted request
 MIN_WINDOW_S, MAX_WINDOW_S = 1, 86_400
 
 
-class LimitError(ValueError):
+class LimitError(FieldError):
     """A limit's parameters are out of range; `field` names the offending one."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from tenfold.kernel.errors import FieldError
+
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 1, 10, 5  # 1 is the most urgent
 TIMEOUT_MIN, TIMEOUT_MAX, TIMEOUT_DEFAULT = 1, 86_400, 300
 MAX_RETRIES_DEFAULT, MAX_RETRIES_LIMIT = 3, 100
@@ -38,13 +40,8 @@ class OnDependencyFailure(StrEnum):
     CANCEL = "cancel"  # a dependant of a dead or cancelled task is cancelled
 
 
-class TaskError(ValueError):
+class TaskError(FieldError):
     """A submitted task is invalid; `field` names the offending input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

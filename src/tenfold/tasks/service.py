@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.exc import IntegrityError
@@ -218,8 +219,6 @@ class TaskService:
         DEAD.set(raw["dead"])
         served: set[str] = set()
         for w in workers:
-            import orjson
-
             types = orjson.loads(w["task_types"])
             served.update(types if types else ["*"])
         unroutable = (

@@ -117,6 +117,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._flush_wanted = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._exit_after_report = False  # a sync handler overran: stop once it is reported
         self.completed = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -332,7 +333,7 @@ class Worker:
             error=message,
             now=final,
         )
-        if getattr(self, "_exit_after_report", False) and self.hard_exit is not None:
+        if self._exit_after_report and self.hard_exit is not None:
             log.error("tasks.worker_recycled", reason="a synchronous task overran its timeout")
             self.hard_exit(3)
 
