@@ -209,28 +209,30 @@ def _at(now_ms: int, delta_ms: int) -> datetime:
 
 def check_body(result: CheckResult, now_ms: int) -> dict[str, Any]:
     """The check response as a plain dict (serialised with orjson on the hot path)."""
+    policies = [
+        {
+            "policy_id": a.policy.policy_id,
+            "name": a.policy.name,
+            "allowed": a.decision.allowed,
+            "shadow": a.policy.shadow,
+            "limit": a.decision.limit,
+            "remaining_quota": a.decision.remaining,
+            "reset_time": _at(now_ms, a.decision.reset_ms),
+            "retry_after": a.decision.retry_ms / 1000,
+        }
+        for a in result.applied
+    ]
     d = result.deciding
+    deciding = policies[result.applied.index(d)] if d is not None else None
     return {
         "allowed": result.allowed,
-        "remaining_quota": d.decision.remaining if d else None,
-        "reset_time": _at(now_ms, d.decision.reset_ms) if d else None,
+        "remaining_quota": deciding["remaining_quota"] if deciding else None,
+        "reset_time": deciding["reset_time"] if deciding else None,
         "retry_after": result.retry_ms / 1000,
-        "policy_applied": d.policy.name if d else None,
-        "limit": d.decision.limit if d else None,
+        "policy_applied": deciding["name"] if deciding else None,
+        "limit": deciding["limit"] if deciding else None,
         "degraded": result.degraded,
-        "policies": [
-            {
-                "policy_id": a.policy.policy_id,
-                "name": a.policy.name,
-                "allowed": a.decision.allowed,
-                "shadow": a.policy.shadow,
-                "limit": a.decision.limit,
-                "remaining_quota": a.decision.remaining,
-                "reset_time": _at(now_ms, a.decision.reset_ms),
-                "retry_after": a.decision.retry_ms / 1000,
-            }
-            for a in result.applied
-        ],
+        "policies": policies,
     }
 
 

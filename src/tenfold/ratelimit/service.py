@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -12,11 +13,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
 from tenfold.kernel.errors import BackendUnavailable
-from tenfold.kernel.telemetry import LATENCY_BUCKETS, REGISTRY
+from tenfold.kernel.telemetry import LATENCY_BUCKETS, REGISTRY, HotCounter, HotHistogram
 from tenfold.ratelimit.algorithms import Decision, Limit
 from tenfold.ratelimit.limiter import check_weight
 from tenfold.ratelimit.models import Assignment, CheckContext, FailureMode, Policy, overlaps
@@ -25,21 +26,22 @@ from tenfold.ratelimit.stores.memory import MemoryCounterStore
 
 log = structlog.get_logger(__name__)
 
-DECISIONS = Counter(
+DECISIONS = HotCounter(
     "tenfold_ratelimit_decisions_total",
     "Rate-limit decisions per policy and outcome (allowed, denied, shadow_denied).",
     ("policy", "outcome"),
     registry=REGISTRY,
 )
-NEAR_LIMIT = Counter(
+NEAR_LIMIT = HotCounter(
     "tenfold_ratelimit_near_limit_total",
     "Allowed checks that left a policy at 80% or more of its quota.",
     ("policy",),
     registry=REGISTRY,
 )
-CHECK_SECONDS = Histogram(
+CHECK_SECONDS = HotHistogram(
     "tenfold_ratelimit_check_seconds",
     "Time to decide one rate-limit check.",
+    (),
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
@@ -79,6 +81,19 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Plan:
+    """What one check context resolves to: the policies, their limits and counter probes."""
+
+    policies: tuple[Policy, ...]
+    limits: tuple[Limit, ...]
+    probes: tuple[Probe, ...]
+    until: float  # the plan holds until then (seconds): an assignment of the client starts or ends
+
+
+PLAN_CACHE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class CheckResult:
     allowed: bool
     applied: tuple[Applied, ...]
@@ -113,6 +128,8 @@ class PolicyBook:
         for a in assignments:
             self.by_client.setdefault(a.client_id, []).append(a)
         self._limits: dict[tuple[int, int | None], Limit] = {}
+        # Resolved plans per (context, assigned_only), for this book only: a reload starts afresh.
+        self.plans: dict[tuple[str, str, str, str, str, bool], Plan] = {}
 
     def limit(self, policy: Policy, override: int | None) -> Limit:
         """The policy's validated limit (with an assignment's override), built once."""
@@ -121,6 +138,15 @@ class PolicyBook:
         if limit is None:
             limit = self._limits[cache_key] = policy.limit(override)
         return limit
+
+    def horizon(self, client_id: str, now: float) -> float:
+        """When the client's set of effective assignments next changes (seconds)."""
+        until = math.inf
+        for a in self.by_client.get(client_id, ()):
+            for edge in (a.effective_from, a.effective_to):
+                if edge is not None and now < (at := edge.timestamp()) < until:
+                    until = at
+        return until
 
     def has_own(self, client_id: str) -> bool:
         """Does the client have a tier or an assignment of its own?"""
@@ -246,12 +272,17 @@ class RateLimitService:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def probes(
-        self, ctx: CheckContext, *, assigned_only: bool = False
-    ) -> tuple[list[Policy], list[Limit], list[Probe]]:
+    def plan(self, ctx: CheckContext, *, assigned_only: bool = False) -> Plan:
+        """The context's policies, limits and probes; resolved once per book and context."""
         book = self.book
+        now = self.clock.now()
+        # A plain tuple: hashed in C, where the dataclass's own hash runs Python code.
+        cache_key = (ctx.client_id, ctx.api_key, ctx.resource, ctx.ip, ctx.region, assigned_only)
+        plan = book.plans.get(cache_key)
+        if plan is not None and now < plan.until:
+            return plan
         chosen, limits, probes = [], [], []
-        for policy, override in book.resolve(ctx, self.clock.now(), assigned_only=assigned_only):
+        for policy, override in book.resolve(ctx, now, assigned_only=assigned_only):
             subject = ctx.subject(policy.key_by)
             if subject is None:
                 continue
@@ -260,7 +291,11 @@ class RateLimitService:
             chosen.append(policy)
             limits.append(limit)
             probes.append(Probe(key, limit, policy.shadow))
-        return chosen, limits, probes
+        plan = Plan(tuple(chosen), tuple(limits), tuple(probes), book.horizon(ctx.client_id, now))
+        if len(book.plans) >= PLAN_CACHE:
+            book.plans.clear()
+        book.plans[cache_key] = plan
+        return plan
 
     async def check(
         self,
@@ -271,7 +306,8 @@ class RateLimitService:
         assigned_only: bool = False,
     ) -> CheckResult:
         started = time.perf_counter()
-        policies, limits, probes = self.probes(ctx, assigned_only=assigned_only)
+        plan = self.plan(ctx, assigned_only=assigned_only)
+        policies, limits, probes = plan.policies, plan.limits, plan.probes
         if not probes:
             return CheckResult(True, (), None)
         for limit in limits:
@@ -288,7 +324,8 @@ class RateLimitService:
         return result
 
     async def status(self, ctx: CheckContext) -> CheckResult:
-        policies, limits, probes = self.probes(ctx)
+        plan = self.plan(ctx)
+        policies, limits, probes = plan.policies, plan.limits, plan.probes
         if not probes:
             return CheckResult(True, (), None)
         decisions, degraded = await self._decide(policies, probes, self.clock.now_ms(), 0, False)
@@ -363,6 +400,9 @@ class RateLimitService:
         decisions: Sequence[Decision],
         degraded: bool,
     ) -> CheckResult:
+        if len(decisions) == 1:  # the common case, decided without the general machinery
+            one = Applied(policies[0], limits[0], decisions[0])
+            return CheckResult(one.decision.allowed or one.policy.shadow, (one,), one, degraded)
         applied = tuple(
             Applied(p, lim, d) for p, lim, d in zip(policies, limits, decisions, strict=True)
         )
