@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -27,6 +31,28 @@ class SettingsError(Exception):
 
 
 DEFAULT_CONFIG_FILE = "tenfold.toml"
+SECRET_KEY_BYTES = 32
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+NEW_MASTER_KEY_COMMAND = (
+    'python -c "import secrets,base64;'
+    'print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())"'
+)
+
+
+def decode_secret_key(text: str) -> bytes:
+    """The 32 bytes of a master key written as urlsafe base64 (padding optional)."""
+    digits = text.strip().rstrip("=")
+    raw: bytes | None = None
+    if _BASE64URL.fullmatch(digits):
+        with contextlib.suppress(binascii.Error):
+            raw = base64.urlsafe_b64decode(digits + "=" * (-len(digits) % 4))
+    if raw is None or len(raw) != SECRET_KEY_BYTES:
+        found = "is not urlsafe base64" if raw is None else f"decodes to {len(raw)} bytes"
+        raise ValueError(
+            f"{found}; expected the urlsafe base64 of {SECRET_KEY_BYTES} random bytes, "
+            f"generated with: {NEW_MASTER_KEY_COMMAND}"
+        )
+    return raw
 
 
 def config_file() -> Path:
@@ -71,6 +97,10 @@ class Settings(BaseSettings):
     tasks_app: str = ""  # module:registry
     tasks_concurrency: int = Field(default=4, ge=1, le=256)
 
+    # The master key sealing the data keys of tenfold.kernel.crypto (urlsafe base64, 32 bytes).
+    # Unset: embedded mode keeps one in <data dir>/secret.key; scale-out requires it.
+    secret_key: SecretStr | None = None
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -108,6 +138,18 @@ class Settings(BaseSettings):
     def _database_scheme(cls, value: str) -> str:
         if value and not value.startswith(("sqlite", "postgresql", "postgres")):
             raise ValueError("expected sqlite:///path or postgresql://user@host:port/db")
+        return value
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _secret_key(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            decode_secret_key(value)
+            return value.strip()
         return value
 
     @field_validator("redis_url")
