@@ -403,8 +403,11 @@ def version() -> None:
 
 def _add_service_commands() -> None:
     import importlib
+    import importlib.util
 
     for name in SERVICES:
+        if importlib.util.find_spec(f"tenfold.{name}.cli") is None:
+            continue  # a service without commands of its own
         module = importlib.import_module(f"tenfold.{name}.cli")
         app.add_typer(module.app, name=name)
 

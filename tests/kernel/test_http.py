@@ -419,3 +419,30 @@ async def test_openapi_and_docs_are_served(embedded: Settings, clock: ManualCloc
     assert docs.status_code == 200
     assert docs.headers["content-type"].startswith("text/html")
     assert "/openapi.json" in docs.text
+
+
+async def test_fast_lane_routes_exact_and_one_parameter_paths() -> None:
+    from tenfold.kernel.http import FastLane, LeanRoute
+
+    async def echo(scope: Any, raw: bytes) -> Any:
+        return 200, orjson.dumps(scope.get("path_params", {})), []
+
+    async def framework(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 599, "headers": []})
+        await send({"type": "http.response.body", "body": b"framework"})
+
+    lane = FastLane(
+        framework,
+        [LeanRoute("POST", "/s/validate", echo), LeanRoute("POST", "/s/{sid}/validate", echo)],
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=lane), base_url="http://t")
+    async with client:
+        exact = await client.post("/s/validate")
+        assert exact.status_code == 200 and exact.json() == {}
+        one = await client.post("/s/abc/validate")
+        assert one.status_code == 200 and one.json() == {"sid": "abc"}
+        for path in ("/s//validate", "/s/a/b/validate", "/s/abc/validate/x", "/s/abc"):
+            assert (await client.post(path)).status_code == 599, path
+        assert (await client.get("/s/abc/validate")).status_code == 599
+    with pytest.raises(ValueError, match="one parameter"):
+        FastLane(framework, [LeanRoute("POST", "/s/{a}/{b}", echo)])

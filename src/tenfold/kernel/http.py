@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tenfold.kernel.errors import BackendUnavailable
+from tenfold.kernel.errors import BackendUnavailable, FieldError
 from tenfold.kernel.telemetry import observe_request
 
 log = structlog.get_logger(__name__)
@@ -150,6 +150,11 @@ async def _on_http(request: Request, exc: Exception) -> Response:
     return problem_response(problem, _request_id(request))
 
 
+async def _on_field(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FieldError)
+    return problem_response(InvalidField(exc.field, exc.message), _request_id(request))
+
+
 async def _on_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("http.backend_unavailable", error=str(exc))
     problem = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
@@ -166,6 +171,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(FieldError, _on_field)
     app.add_exception_handler(BackendUnavailable, _on_unavailable)
     app.add_exception_handler(Exception, _on_crash)
 
@@ -248,7 +254,9 @@ class EdgeMiddleware:
                 await self._send_raw(send_with_id, status, kind, detail, request_id)
                 return
             limited_receive = receive
-            if method in _BODY_METHODS:
+            if method in _BODY_METHODS and content_length < 0:
+                # No Content-Length (chunked): count as it arrives. With one, the server reads
+                # exactly that many bytes, and _reject has checked it against the limit.
                 limited_receive = self._limited(receive)
             try:
                 await self.app(scope, limited_receive, send_with_id)
@@ -384,6 +392,8 @@ class LeanRoute:
             content_type = b"application/json"
         except Problem as exc:
             failure = exc
+        except FieldError as exc:
+            failure = InvalidField(exc.field, exc.message)
         except BackendUnavailable as exc:
             log.warning("http.backend_unavailable", error=str(exc))
             failure = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
@@ -412,20 +422,44 @@ class LeanRoute:
 
 
 class FastLane:
-    """Sends a few hot (method, path) pairs straight to their lean handlers."""
+    """Sends a few hot (method, path) pairs straight to their lean handlers.
+
+    A path is exact, or holds one `{name}` parameter filling a whole segment (such as
+    `/api/v1/sessions/{session_id}/validate`); the value lands in `scope["path_params"]`.
+    """
 
     def __init__(self, app: ASGIApp, routes: Sequence[LeanRoute]) -> None:
         self.app = app
-        self.routes = {(r.method, r.path): r for r in routes}
+        self.routes = {(r.method, r.path): r for r in routes if "{" not in r.path}
+        self.templates: list[tuple[str, str, str, str, LeanRoute]] = []
+        for r in routes:
+            if "{" in r.path:
+                head, _, rest = r.path.partition("{")
+                name, _, tail = rest.partition("}")
+                if "{" in tail or not head.endswith("/") or (tail and not tail.startswith("/")):
+                    raise ValueError(f"lean route {r.path!r}: one parameter, a whole segment")
+                self.templates.append((r.method, head, tail, name, r))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            route = self.routes.get((scope["method"], scope["path"]))
+            path = scope["path"]
+            route = self.routes.get((scope["method"], path))
+            if route is None and self.templates:
+                route = self._match(scope, scope["method"], path)
             if route is not None:
                 scope["route"] = route
                 await route(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _match(self, scope: Scope, method: str, path: str) -> LeanRoute | None:
+        for m, head, tail, name, route in self.templates:
+            if m == method and path.startswith(head) and path.endswith(tail):
+                value = path[len(head) : len(path) - len(tail)]
+                if value and "/" not in value:
+                    scope["path_params"] = {name: value}
+                    return route
+        return None
 
 
 # --- the OpenAPI document ------------------------------------------------------------------
