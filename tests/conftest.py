@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -117,10 +118,14 @@ def stack(
             "database_url": url,
             "redis_url": REDIS_URL,
             "redis_prefix": prefix,
+            "secret_key": TEST_SECRET_KEY,  # scale-out: every process shares the master key
         }
     finally:
         delete_prefix(prefix)
         next(gen, None)
+
+
+TEST_SECRET_KEY = base64.urlsafe_b64encode(bytes(range(32))).decode()
 
 
 def make_settings(**overrides: Any) -> Settings:

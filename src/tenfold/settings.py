@@ -97,6 +97,18 @@ class Settings(BaseSettings):
     tasks_app: str = ""  # module:registry
     tasks_concurrency: int = Field(default=4, ge=1, le=256)
 
+    # Sessions (see docs/sessions.md). Per-type policies override the defaults field by field:
+    # {"web": {"idle_timeout": 900, "max_sessions": 3, "on_limit": "deny"}}.
+    sessions_policies: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sessions_grace_seconds: float = Field(default=10.0, ge=0, le=300)
+    sessions_max_data_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
+    sessions_access_tokens: bool = False  # also issue signed JWT access tokens
+    sessions_access_token_ttl: int = Field(default=300, ge=10, le=86_400)
+    sessions_risk_network: Literal["allow", "step_up_required", "revoke"] = "allow"
+    sessions_risk_country: Literal["allow", "step_up_required", "revoke"] = "step_up_required"
+    sessions_risk_fingerprint: Literal["allow", "step_up_required", "revoke"] = "revoke"
+    geoip_db: str = ""  # a MaxMind-format (.mmdb) database: countries for risk and analytics
+
     # The master key sealing the data keys of tenfold.kernel.crypto (urlsafe base64, 32 bytes).
     # Unset: embedded mode keeps one in <data dir>/secret.key; scale-out requires it.
     secret_key: SecretStr | None = None
@@ -131,6 +143,27 @@ class Settings(BaseSettings):
             )
         if not value:
             raise ValueError("no service named; expected at least one of: " + ", ".join(SERVICES))
+        return value
+
+    @field_validator("sessions_policies")
+    @classmethod
+    def _session_policies(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        numbers = {"idle_timeout", "absolute_lifetime", "remember_me_lifetime", "max_sessions"}
+        known = numbers | {"allow_remember_me", "on_limit"}
+        for kind, fields in value.items():
+            if kind not in ("web", "mobile", "api"):
+                raise ValueError(f"unknown session type {kind!r}; expected web, mobile or api")
+            for name, item in fields.items():
+                if name not in known:
+                    raise ValueError(f"{kind}.{name}: unknown; expected one of {sorted(known)}")
+                if name in numbers and (
+                    not isinstance(item, int) or isinstance(item, bool) or item < 0
+                ):
+                    raise ValueError(f"{kind}.{name}: expected a whole number of seconds >= 0")
+                if name == "on_limit" and item not in ("evict_oldest", "deny"):
+                    raise ValueError(f"{kind}.on_limit: expected evict_oldest or deny")
+                if name == "allow_remember_me" and not isinstance(item, bool):
+                    raise ValueError(f"{kind}.allow_remember_me: expected true or false")
         return value
 
     @field_validator("database_url")

@@ -1,0 +1,398 @@
+"""Sessions in SQL: the source of truth (SQLite embedded, PostgreSQL at scale)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tenfold.kernel.sql import is_sqlite
+from tenfold.sessions.models import (
+    LimitReached,
+    OnLimit,
+    SessionEvent,
+    SessionRecord,
+    SessionType,
+)
+from tenfold.sessions.tables import session_events, session_handoffs, sessions
+
+_COLUMNS = [f.name for f in fields(SessionRecord)]
+EventRow = tuple[str, str, str, str | None, dict[str, object]]  # session, user, kind, actor, detail
+
+
+def _record(row: Any) -> SessionRecord:
+    values = {name: row[name] for name in _COLUMNS}
+    values["session_type"] = SessionType(values["session_type"])
+    values["permissions"] = tuple(orjson.loads(values["permissions"]))
+    for name in ("token_digest", "refresh_digest", "previous_digest", "sealed"):
+        if values[name] is not None:
+            values[name] = bytes(values[name])
+    return SessionRecord(**values)
+
+
+def _row(record: SessionRecord) -> dict[str, Any]:
+    values = {name: getattr(record, name) for name in _COLUMNS}
+    values["session_type"] = str(record.session_type)
+    values["permissions"] = orjson.dumps(list(record.permissions)).decode()
+    return values
+
+
+def _user_lock_id(user_id: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(user_id.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+class SqlSessionStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sqlite = is_sqlite(engine)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        on_limit: OnLimit,
+        actor: str | None,
+        detail: dict[str, object],
+    ) -> list[str]:
+        """Insert the session within the user's limit for its type; the ids evicted for it."""
+        now = record.created_at_ms
+        evicted: list[str] = []
+        async with self.engine.begin() as conn:
+            if not self.sqlite:  # SQLite's writers are serialised already (BEGIN IMMEDIATE)
+                await conn.execute(
+                    sa.select(sa.func.pg_advisory_xact_lock(_user_lock_id(record.user_id)))
+                )
+            if max_sessions:
+                active = (
+                    (
+                        await conn.execute(
+                            sa.select(sessions.c.session_id)
+                            .where(
+                                sessions.c.user_id == record.user_id,
+                                sessions.c.session_type == str(record.session_type),
+                                sessions.c.revoked_at_ms.is_(None),
+                                sessions.c.expires_at_ms > now,
+                            )
+                            .order_by(sessions.c.created_at_ms, sessions.c.session_id)
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+                excess = len(active) - max_sessions + 1
+                if excess > 0:
+                    if on_limit is OnLimit.DENY:
+                        raise LimitReached(
+                            "user_id",
+                            f"the user has {len(active)} {record.session_type} sessions, "
+                            f"the most allowed; end one first",
+                        )
+                    evicted = list(active[:excess])
+                    await self._revoke(conn, evicted, now, "evicted")
+                    await self._events(
+                        conn,
+                        [
+                            (sid, record.user_id, "evicted", actor, {"by": record.session_id})
+                            for sid in evicted
+                        ],
+                        now,
+                    )
+            await conn.execute(sessions.insert().values(**_row(record)))
+            await self._events(
+                conn, [(record.session_id, record.user_id, "created", actor, detail)], now
+            )
+        return evicted
+
+    async def rotate(
+        self,
+        session_id: str,
+        *,
+        generation: int,
+        token_digest: bytes,
+        refresh_digest: bytes,
+        previous_digest: bytes,
+        now_ms: int,
+        event: EventRow,
+    ) -> bool:
+        """Move the session's refresh family from `generation` to the next (compare-and-set)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sessions.update()
+                .where(
+                    sessions.c.session_id == session_id,
+                    sessions.c.refresh_generation == generation,
+                    sessions.c.revoked_at_ms.is_(None),
+                )
+                .values(
+                    token_digest=token_digest,
+                    refresh_digest=refresh_digest,
+                    previous_digest=previous_digest,
+                    refresh_generation=generation + 1,
+                    rotated_at_ms=now_ms,
+                    last_seen_at_ms=now_ms,
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            await self._events(conn, [event], now_ms)
+        return True
+
+    async def revoke(
+        self,
+        session_ids: Sequence[str],
+        *,
+        now_ms: int,
+        reason: str,
+        actor: str | None,
+        detail: dict[str, object] | None = None,
+    ) -> list[str]:
+        """End the sessions still active among `session_ids`; the ones this call ended."""
+        if not session_ids:
+            return []
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(sessions.c.session_id, sessions.c.user_id).where(
+                        sessions.c.session_id.in_(list(session_ids)),
+                        sessions.c.revoked_at_ms.is_(None),
+                    )
+                )
+            ).all()
+            ended = [r.session_id for r in rows]
+            await self._revoke(conn, ended, now_ms, reason)
+            await self._events(
+                conn,
+                [
+                    (
+                        r.session_id,
+                        r.user_id,
+                        "revoked",
+                        actor,
+                        {"reason": reason, **(detail or {})},
+                    )
+                    for r in rows
+                ],
+                now_ms,
+            )
+        return ended
+
+    async def active_ids(
+        self,
+        *,
+        now_ms: int,
+        user_ids: Sequence[str] | None = None,
+        created_before_ms: int | None = None,
+        session_type: SessionType | None = None,
+        limit: int = 10_000,
+    ) -> list[str]:
+        """Ids of active sessions matching every given filter (for revocation in bulk)."""
+        query = sa.select(sessions.c.session_id).where(
+            sessions.c.revoked_at_ms.is_(None), sessions.c.expires_at_ms > now_ms
+        )
+        if user_ids is not None:
+            query = query.where(sessions.c.user_id.in_(list(user_ids)))
+        if created_before_ms is not None:
+            query = query.where(sessions.c.created_at_ms < created_before_ms)
+        if session_type is not None:
+            query = query.where(sessions.c.session_type == str(session_type))
+        async with self.engine.connect() as conn:
+            result = await conn.execute(query.order_by(sessions.c.session_id).limit(limit))
+            return list(result.scalars().all())
+
+    async def touch(self, seen: dict[str, int]) -> None:
+        """Record last-seen times (only ever moving them forward)."""
+        if not seen:
+            return
+        async with self.engine.begin() as conn:
+            for session_id, at_ms in seen.items():
+                await conn.execute(
+                    sessions.update()
+                    .where(sessions.c.session_id == session_id, sessions.c.last_seen_at_ms < at_ms)
+                    .values(last_seen_at_ms=at_ms)
+                )
+
+    async def add_events(self, rows: Sequence[tuple[EventRow, int]]) -> None:
+        """Events recorded earlier, each with its own time."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                session_events.insert(),
+                [
+                    {
+                        "session_id": sid,
+                        "user_id": user,
+                        "at_ms": at_ms,
+                        "kind": kind,
+                        "actor": actor,
+                        "detail": orjson.dumps(detail).decode(),
+                    }
+                    for (sid, user, kind, actor, detail), at_ms in rows
+                ],
+            )
+
+    async def reseal(self, session_id: str, key_id: str, sealed: bytes, old_key_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sessions.update()
+                .where(sessions.c.session_id == session_id, sessions.c.key_id == old_key_id)
+                .values(key_id=key_id, sealed=sealed)
+            )
+        return bool(result.rowcount)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        async with self.engine.connect() as conn:
+            row = (
+                (await conn.execute(sa.select(sessions).where(sessions.c.session_id == session_id)))
+                .mappings()
+                .first()
+            )
+        return _record(row) if row is not None else None
+
+    async def for_user(
+        self,
+        user_id: str,
+        *,
+        now_ms: int,
+        include_ended: bool = False,
+        limit: int = 100,
+        before: tuple[int, str] | None = None,
+    ) -> list[SessionRecord]:
+        """The user's sessions, newest first (keyset paging on (created_at_ms, session_id))."""
+        query = sa.select(sessions).where(sessions.c.user_id == user_id)
+        if not include_ended:
+            query = query.where(
+                sessions.c.revoked_at_ms.is_(None), sessions.c.expires_at_ms > now_ms
+            )
+        if before is not None:
+            query = query.where(
+                sa.tuple_(sessions.c.created_at_ms, sessions.c.session_id) < sa.tuple_(*before)
+            )
+        query = query.order_by(sessions.c.created_at_ms.desc(), sessions.c.session_id.desc())
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.limit(limit))).mappings().all()
+        return [_record(r) for r in rows]
+
+    async def sealed_with_other_keys(self, key_id: str, limit: int) -> list[SessionRecord]:
+        query = sa.select(sessions).where(sessions.c.key_id != key_id).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_record(r) for r in rows]
+
+    async def count_sealed_with_other_keys(self, key_id: str) -> int:
+        query = sa.select(sa.func.count()).select_from(sessions).where(sessions.c.key_id != key_id)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def events(
+        self, session_id: str, *, after: tuple[int, int] = (0, 0), limit: int = 100
+    ) -> list[SessionEvent]:
+        """The session's events in time order, after the (at_ms, event_id) cursor."""
+        query = (
+            sa.select(session_events)
+            .where(
+                session_events.c.session_id == session_id,
+                sa.tuple_(session_events.c.at_ms, session_events.c.event_id) > sa.tuple_(*after),
+            )
+            .order_by(session_events.c.at_ms, session_events.c.event_id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [
+            SessionEvent(
+                r["event_id"],
+                r["session_id"],
+                r["user_id"],
+                r["at_ms"],
+                r["kind"],
+                r["actor"],
+                orjson.loads(r["detail"]),
+            )
+            for r in rows
+        ]
+
+    # -- handoff codes --------------------------------------------------------------------
+
+    async def add_handoff(
+        self, code_digest: bytes, session_id: str, audience: str, now_ms: int, expires_at_ms: int
+    ) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                session_handoffs.delete().where(session_handoffs.c.expires_at_ms < now_ms)
+            )
+            await conn.execute(
+                session_handoffs.insert().values(
+                    code_digest=code_digest,
+                    session_id=session_id,
+                    audience=audience,
+                    created_at_ms=now_ms,
+                    expires_at_ms=expires_at_ms,
+                )
+            )
+
+    async def use_handoff(self, code_digest: bytes, now_ms: int) -> tuple[str, str] | None:
+        """Consume an unexpired, unused code once: (session_id, audience), else None."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(session_handoffs.c.session_id, session_handoffs.c.audience).where(
+                        session_handoffs.c.code_digest == code_digest,
+                        session_handoffs.c.used_at_ms.is_(None),
+                        session_handoffs.c.expires_at_ms > now_ms,
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            result = await conn.execute(
+                session_handoffs.update()
+                .where(
+                    session_handoffs.c.code_digest == code_digest,
+                    session_handoffs.c.used_at_ms.is_(None),
+                )
+                .values(used_at_ms=now_ms)
+            )
+            if result.rowcount != 1:
+                return None
+        return str(row.session_id), str(row.audience)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _revoke(
+        self, conn: AsyncConnection, session_ids: Iterable[str], now_ms: int, reason: str
+    ) -> None:
+        ids = list(session_ids)
+        if ids:
+            await conn.execute(
+                sessions.update()
+                .where(sessions.c.session_id.in_(ids), sessions.c.revoked_at_ms.is_(None))
+                .values(revoked_at_ms=now_ms, revoke_reason=reason)
+            )
+
+    async def _events(self, conn: AsyncConnection, rows: Sequence[EventRow], now_ms: int) -> None:
+        if rows:
+            await conn.execute(
+                session_events.insert(),
+                [
+                    {
+                        "session_id": sid,
+                        "user_id": user,
+                        "at_ms": now_ms,
+                        "kind": kind,
+                        "actor": actor,
+                        "detail": orjson.dumps(detail).decode(),
+                    }
+                    for sid, user, kind, actor, detail in rows
+                ],
+            )
