@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,41 @@ async def test_keys_rotated_by_another_process_are_picked_up(
             headers=headers,
         )
         assert refreshed.status_code == 200, refreshed.text
+
+
+async def test_a_revocation_reaches_every_process_within_a_second(
+    stack: dict[str, Any], clock: ManualClock, admin_key_of: Any
+) -> None:
+    settings = make_settings(**stack, services=["sessions"])
+    async with (
+        serve_app(settings, clock) as (_, client_a),
+        serve_app(settings, clock) as (app_b, client_b),
+    ):
+        headers = {"Authorization": f"Bearer {admin_key_of(settings)}"}
+        s = (
+            await client_a.post("/api/v1/sessions", json={"user_id": "u1"}, headers=headers)
+        ).json()
+
+        async def valid_in_b() -> bool:
+            r = await client_b.post(
+                "/api/v1/sessions/validate",
+                json={"session_token": s["session_token"]},
+                headers=headers,
+            )
+            return bool(r.json()["valid"])
+
+        assert await valid_in_b()  # now cached in process B
+        ended = await client_a.delete(f"/api/v1/sessions/{s['session_id']}", headers=headers)
+        assert ended.status_code == 204
+        cached = app_b.state.runtime.services["sessions"]._local
+        if settings.redis_url:  # the pub/sub message drops B's copy at once
+            for _ in range(200):
+                if s["session_id"] not in cached:
+                    break
+                await asyncio.sleep(0.01)  # waits for the message to arrive, then moves on
+            assert s["session_id"] not in cached
+            assert not await valid_in_b()
+        else:  # embedded processes share no bus: the copy's one-second lifetime bounds it
+            assert await valid_in_b()
+            clock.advance(1.0)
+            assert not await valid_in_b()
