@@ -148,7 +148,13 @@ class Settings(BaseSettings):
     @field_validator("sessions_policies")
     @classmethod
     def _session_policies(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        numbers = {"idle_timeout", "absolute_lifetime", "remember_me_lifetime", "max_sessions"}
+        numbers = {
+            "idle_timeout",
+            "absolute_lifetime",
+            "remember_me_lifetime",
+            "remember_me_idle_timeout",
+            "max_sessions",
+        }
         known = numbers | {"allow_remember_me", "on_limit"}
         for kind, fields in value.items():
             if kind not in ("web", "mobile", "api"):

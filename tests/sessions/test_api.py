@@ -234,6 +234,10 @@ async def test_idle_timeout_absolute_lifetime_and_remember_me(api: Api, clock: M
     assert (await api.validate(short["session_token"]))["reason"] == "expired"
     assert (await api.validate(remembered["session_token"]))["valid"]
     assert (await api.refresh(short["refresh_token"])).status_code == 400
+    clock.advance(6 * 86400)  # remembered: idle for six days, still signed in
+    assert (await api.validate(remembered["session_token"]))["valid"]
+    clock.advance(7 * 86400 + 1)
+    assert (await api.validate(remembered["session_token"]))["reason"] == "idle_timeout"
 
 
 async def test_session_limit_evicts_the_oldest_or_denies(api: Api, clock: ManualClock) -> None:

@@ -55,14 +55,25 @@ class TypePolicy:
     allow_remember_me: bool
     max_sessions: int  # per user, 0: unlimited
     on_limit: OnLimit = OnLimit.EVICT_OLDEST
+    remember_me_idle_timeout: int = 0  # 0: the same as idle_timeout
 
     def lifetime(self, remember_me: bool) -> int:
         return self.remember_me_lifetime if remember_me else self.absolute_lifetime
 
+    def idle(self, remember_me: bool) -> int:
+        return (
+            (self.remember_me_idle_timeout or self.idle_timeout)
+            if remember_me
+            else (self.idle_timeout)
+        )
+
 
 DEFAULT_POLICIES: dict[SessionType, TypePolicy] = {
-    # Browser sessions: OWASP's guidance for an ordinary application, 30 min idle, 12 h absolute.
-    SessionType.WEB: TypePolicy(30 * 60, 12 * 3600, 30 * 86400, True, 10),
+    # Browser sessions: OWASP's guidance for an ordinary application, 30 min idle, 12 h absolute;
+    # "remember me" keeps a browser signed in for 30 days unless unused for 7.
+    SessionType.WEB: TypePolicy(
+        30 * 60, 12 * 3600, 30 * 86400, True, 10, OnLimit.EVICT_OLDEST, 7 * 86400
+    ),
     SessionType.MOBILE: TypePolicy(30 * 86400, 90 * 86400, 365 * 86400, True, 5),
     SessionType.API: TypePolicy(86400, 30 * 86400, 30 * 86400, False, 20),
 }

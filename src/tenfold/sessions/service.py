@@ -198,7 +198,7 @@ class SessionService:
             hmac_key_id=hmac_key_id,
             created_at_ms=now,
             last_seen_at_ms=now,
-            idle_timeout_s=policy.idle_timeout,
+            idle_timeout_s=policy.idle(remember_me),
             expires_at_ms=now + policy.lifetime(remember_me) * 1000,
             revoked_at_ms=None,
             revoke_reason=None,
