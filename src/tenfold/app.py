@@ -17,7 +17,6 @@ from tenfold import __version__
 from tenfold.kernel.clock import SYSTEM_CLOCK, Clock
 from tenfold.kernel.http import (
     EdgeMiddleware,
-    FastLane,
     Problem,
     document_problems,
     install_problem_handlers,
@@ -58,12 +57,18 @@ class App(FastAPI):
 
     def wrap(self) -> ASGIApp:
         settings = self.runtime.settings
-        inner: ASGIApp = FastLane(super().__call__, [r for m in self.mounts for r in m.lean_routes])
+        inner: ASGIApp = super().__call__
         for mount in self.mounts:
             if mount.wrap is not None:
                 inner = mount.wrap(inner)
         raw = tuple(p for m in self.mounts for p in m.raw_body_prefixes)
-        return EdgeMiddleware(inner, max_body_bytes=settings.max_body_bytes, raw_body_prefixes=raw)
+        return EdgeMiddleware(
+            inner,
+            max_body_bytes=settings.max_body_bytes,
+            raw_body_prefixes=raw,
+            lean_routes=[r for m in self.mounts for r in m.lean_routes],
+            gates=[m.gate for m in self.mounts if m.gate is not None],
+        )
 
     def openapi(self) -> dict[str, Any]:
         return document_problems(super().openapi())

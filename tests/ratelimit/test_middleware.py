@@ -130,3 +130,43 @@ async def test_guard_limits_a_key_only_by_its_assigned_policies(
             (await client.get("/api/v1/policies", headers=reader)).status_code for _ in range(3)
         ]
         assert codes == [200, 200, 429]
+
+
+async def test_the_guard_also_gates_lean_routes(
+    tmp_path: Any, sqlite_template: Any, clock: ManualClock, admin_key_of: Any
+) -> None:
+    """Hot paths are served ahead of the middleware stack; the guard's decision still holds."""
+    settings = make_settings(
+        data_dir=str(tmp_path),
+        database_url=sqlite_template.clone(tmp_path / "db.sqlite"),
+        ratelimit_anonymous_limit=2,
+    )
+    check = "/api/v1/ratelimit/check"
+    body = {"client_id": "c", "api_key": "", "resource": "/"}
+    async with serve_app(settings, clock) as (app, client):
+        admin = {"X-API-Key": admin_key_of(settings)}
+        anonymous = [await client.post(check, json=body) for _ in range(3)]
+        assert [r.status_code for r in anonymous] == [401, 401, 429]
+        assert anonymous[0].headers["ratelimit"].startswith('"anonymous";r=1;t=')
+        assert anonymous[2].headers["content-type"] == "application/problem+json"
+        assert anonymous[2].headers["retry-after"] and anonymous[2].json()["policy"] == "anonymous"
+        assert "x-request-id" in anonymous[2].headers
+
+        record, writer_key = await app.state.runtime.keys.create("w", ["ratelimit:write"])
+        created = await client.post(
+            "/api/v1/policies",
+            json={"name": "cap", "algorithm": "fixed_window", "rate_limit": 2, "time_window": 60},
+            headers=admin,
+        )
+        await client.put(
+            f"/api/v1/policies/{created.json()['policy_id']}/clients",
+            json={"client_ids": [f"key:{record.key_id}"]},
+            headers=admin,
+        )
+        writer = {"X-API-Key": writer_key}
+        answers = [await client.post(check, json=body, headers=writer) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert answers[0].headers["ratelimit-policy"] == '"cap";q=2;w=60'
+        assert answers[2].json()["type"].endswith("rate-limited")
+        unlimited = await client.post(check, json=body, headers=admin)  # no policy of its own
+        assert unlimited.status_code == 200 and "ratelimit" not in unlimited.headers

@@ -207,10 +207,15 @@ class EdgeMiddleware:
         *,
         max_body_bytes: int,
         raw_body_prefixes: tuple[str, ...] = (),
+        lean_routes: Sequence[LeanRoute] = (),
+        gates: Sequence[Gate] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.raw_body_prefixes = raw_body_prefixes
+        # Hot paths are served here, behind the gates only: no middleware stack, no framework.
+        self.lane = FastLane(app, lean_routes) if lean_routes else None
+        self.gates = tuple(gates)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -235,9 +240,21 @@ class EdgeMiddleware:
         if not request_id:
             request_id = os.urandom(12).hex()
         scope.setdefault("state", {})["request_id"] = request_id
+        method = scope["method"]
+        if self.lane is not None and (
+            content_length <= self.max_body_bytes and (content_length >= 0 or method == "GET")
+        ):
+            route = self.lane.match(scope)
+            if route is not None and self._reject(method, scope["path"], content_type, -1) is None:
+                scope["route"] = route
+                status = 500
+                try:
+                    status = await serve_lean(route, scope, receive, send, self.gates, request_id)
+                finally:
+                    observe_request(method, route.path, status, time.perf_counter() - started)
+                return
         status_holder = [500]
         response_started = [False]
-        method = scope["method"]
         rid = request_id.encode()
 
         async def send_with_id(message: Message) -> None:
@@ -377,48 +394,85 @@ class LeanRoute:
     fn: LeanFunction
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks = []
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        request_id = scope.get("state", {}).get("request_id")
-        failure: Problem | None = None
-        try:
-            status, payload, headers = await self.fn(scope, b"".join(chunks))
-            content_type = b"application/json"
-        except Problem as exc:
-            failure = exc
-        except FieldError as exc:
-            failure = InvalidField(exc.field, exc.message)
-        except BackendUnavailable as exc:
-            log.warning("http.backend_unavailable", error=str(exc))
-            failure = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
-        except Exception:
-            log.exception("http.unhandled", path=self.path)
-            failure = Problem(500, "internal-error", "an unexpected error occurred; see the log")
-        if failure is not None:
-            body = failure.body()
-            if request_id:
-                body["request_id"] = request_id
-            status, payload = failure.status, orjson.dumps(body)
-            headers = [(k.lower().encode(), v.encode()) for k, v in failure.headers.items()]
-            content_type = PROBLEM_CONTENT_TYPE.encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type),
-                    (b"content-length", str(len(payload)).encode()),
-                    *headers,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await serve_lean(self, scope, receive, send, (), scope.get("state", {}).get("request_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class GateVerdict:
+    """What a gate in front of the lean routes (the rate-limit guard) says of one request."""
+
+    headers: list[tuple[bytes, bytes]]  # added to the response, whatever it is
+    problem: Problem | None = None  # answered instead of serving the request
+
+
+Gate = Callable[[Scope], Awaitable[GateVerdict | None]]
+
+
+async def serve_lean(
+    route: LeanRoute,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    gates: Sequence[Gate],
+    request_id: str | None,
+) -> int:
+    """Serve one request on a lean route, behind `gates`; the status code answered."""
+    extra: list[tuple[bytes, bytes]] = []
+    if request_id:
+        extra.append((b"x-request-id", request_id.encode()))
+    failure: Problem | None = None
+    try:
+        for gate in gates:
+            verdict = await gate(scope)
+            if verdict is not None:
+                extra += verdict.headers
+                if verdict.problem is not None:
+                    raise verdict.problem
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return 499
+        payload = message.get("body", b"")
+        if message.get("more_body", False):
+            chunks = [payload]
+            while message.get("more_body", False):
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return 499
+                chunks.append(message.get("body", b""))
+            payload = b"".join(chunks)
+        status, payload, headers = await route.fn(scope, payload)
+        content_type = b"application/json"
+    except Problem as exc:
+        failure = exc
+    except FieldError as exc:
+        failure = InvalidField(exc.field, exc.message)
+    except BackendUnavailable as exc:
+        log.warning("http.backend_unavailable", error=str(exc))
+        failure = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
+    except Exception:
+        log.exception("http.unhandled", path=route.path)
+        failure = Problem(500, "internal-error", "an unexpected error occurred; see the log")
+    if failure is not None:
+        body = failure.body()
+        if request_id:
+            body["request_id"] = request_id
+        status, payload = failure.status, orjson.dumps(body)
+        headers = [(k.lower().encode(), v.encode()) for k, v in failure.headers.items()]
+        content_type = PROBLEM_CONTENT_TYPE.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+    return status
 
 
 class FastLane:
@@ -442,15 +496,20 @@ class FastLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = scope["path"]
-            route = self.routes.get((scope["method"], path))
-            if route is None and self.templates:
-                route = self._match(scope, scope["method"], path)
+            route = self.match(scope)
             if route is not None:
                 scope["route"] = route
                 await route(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def match(self, scope: Scope) -> LeanRoute | None:
+        """The lean route serving this request, if any (its path parameter set on the scope)."""
+        method, path = scope["method"], scope["path"]
+        route = self.routes.get((method, path))
+        if route is None and self.templates:
+            route = self._match(scope, method, path)
+        return route
 
     def _match(self, scope: Scope, method: str, path: str) -> LeanRoute | None:
         for m, head, tail, name, route in self.templates:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from starlette.types import ASGIApp
 
-    from tenfold.kernel.http import LeanRoute
+    from tenfold.kernel.http import Gate, LeanRoute
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +43,7 @@ class Mount:
     raw_body_prefixes: tuple[str, ...] = ()  # paths whose bodies are not JSON
     wrap: Callable[[ASGIApp], ASGIApp] | None = None  # an ASGI middleware around the app
     lean_routes: list[LeanRoute] = field(default_factory=list)  # hot paths, ahead of FastAPI
+    gate: Gate | None = None  # what `wrap` decides, for the lean routes (which it does not see)
 
 
 @dataclass

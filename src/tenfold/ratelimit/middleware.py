@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenfold.kernel.auth import key_from_headers
 from tenfold.kernel.errors import BackendUnavailable
-from tenfold.kernel.http import PROBLEM_CONTENT_TYPE, Problem, RawHeaders
+from tenfold.kernel.http import PROBLEM_CONTENT_TYPE, Gate, GateVerdict, Problem, RawHeaders
 from tenfold.kernel.runtime import Mount, Runtime
 from tenfold.ratelimit.algorithms import Algorithm, Decision, Limit
 from tenfold.ratelimit.limiter import RateLimiter
@@ -75,15 +75,7 @@ class RateLimitMiddleware:
             return
         headers = verdict_headers(verdict, self.legacy_headers)
         if not verdict.decision.allowed:
-            retry = verdict.decision.retry_ms / 1000
-            problem = Problem(
-                429,
-                "rate-limited",
-                f"rate limit {verdict.policy!r} exceeded; retry in {retry:g} s",
-                retry_after=retry,
-                policy=verdict.policy,
-            )
-            body = orjson.dumps(problem.body())
+            body = orjson.dumps(rejection(verdict).body())
             await send(
                 {
                     "type": "http.response.start",
@@ -169,7 +161,9 @@ def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
     return hops[0] if hops else peer
 
 
-def guard(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Callable[[ASGIApp], ASGIApp]:
+def guard(
+    runtime: Runtime, public_paths: Callable[[], set[str]]
+) -> tuple[Callable[[ASGIApp], ASGIApp], Gate]:
     """tenfold's own API guard: anonymous calls limited per IP; a key only by its policies."""
     from tenfold.ratelimit.api import service_for
 
@@ -219,16 +213,43 @@ def guard(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Callable[[A
     def wrap(app: ASGIApp) -> ASGIApp:
         return RateLimitMiddleware(app, decide, legacy_headers=settings.ratelimit_legacy_headers)
 
-    return wrap
+    return wrap, as_gate(decide, legacy=settings.ratelimit_legacy_headers)
+
+
+def rejection(verdict: Verdict) -> Problem:
+    """The 429 problem for a denied verdict."""
+    retry = verdict.decision.retry_ms / 1000
+    return Problem(
+        429,
+        "rate-limited",
+        f"rate limit {verdict.policy!r} exceeded; retry in {retry:g} s",
+        retry_after=retry,
+        policy=verdict.policy,
+    )
+
+
+def as_gate(decide: Decide, *, legacy: bool = False) -> Gate:
+    """The same decision for the lean routes, which the middleware does not wrap."""
+
+    async def gate(scope: Scope) -> GateVerdict | None:
+        verdict = await decide(scope)
+        if verdict is None:
+            return None
+        headers = verdict_headers(verdict, legacy)
+        return GateVerdict(headers, None if verdict.decision.allowed else rejection(verdict))
+
+    return gate
 
 
 def guard_mount(runtime: Runtime, public_paths: Callable[[], set[str]]) -> Mount:
     from tenfold.ratelimit.api import service_for, start_hooks
 
     on_start, on_stop = start_hooks(runtime, service_for(runtime))
+    wrap, gate = guard(runtime, public_paths)
     return Mount(
         name="ratelimit-guard",
         on_start=[on_start],
         on_stop=[on_stop],
-        wrap=guard(runtime, public_paths),
+        wrap=wrap,
+        gate=gate,
     )
