@@ -257,7 +257,8 @@ async def test_first_start_writes_an_admin_key_once(
     async with serve_app(embedded, clock) as (app, _):
         assert admin_key_of(embedded) == first
         assert len(await app.state.runtime.keys.list()) == 1
-    assert [p.name for p in path.parent.iterdir()] == ["admin.key"]  # no temp files left
+    left = sorted(p.name for p in path.parent.iterdir())
+    assert left == ["admin.key", "secret.key"]  # no temp files left (secret.key: the key ring)
 
 
 async def test_no_admin_key_is_made_when_keys_exist(embedded: Settings, clock: ManualClock) -> None:

@@ -31,6 +31,7 @@ async def two_servers(stack: dict[str, Any], tmp_path: Any) -> AsyncIterator[tup
         "TENFOLD_DATABASE_URL": stack["database_url"],
         "TENFOLD_REDIS_URL": REDIS_URL,
         "TENFOLD_REDIS_PREFIX": stack["redis_prefix"],
+        "TENFOLD_SECRET_KEY": stack["secret_key"],
         "TENFOLD_LOG_LEVEL": "warning",
         "TENFOLD_RATELIMIT_EVENTS_SAMPLE": "0",
     }

@@ -502,7 +502,7 @@ async def test_session_login_response(tenfold: Tenfold, clock: ManualClock) -> N
     assert orjson.loads(body) == {
         "user_id": "carol",
         "session_id": issued.session_id,
-        "expires_at": "2023-11-14T22:43:20Z",  # 30 minutes idle from the manual clock's start
+        "expires_at": "2023-11-21T22:13:20Z",  # remember-me: 7 days idle from the clock's start
     }
 
     clock.advance(100)

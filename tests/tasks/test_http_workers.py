@@ -289,6 +289,7 @@ async def server(stack: dict[str, Any], tmp_path: Path) -> AsyncIterator[tuple[s
         "TENFOLD_REDIS_URL": stack["redis_url"],
         "TENFOLD_REDIS_PREFIX": stack.get("redis_prefix", "tf"),
         "TENFOLD_LOG_LEVEL": "warning",
+        **({"TENFOLD_SECRET_KEY": stack["secret_key"]} if "secret_key" in stack else {}),
         "TENFOLD_RATELIMIT_EVENTS_SAMPLE": "0",
     }
     port = free_port()
