@@ -54,6 +54,7 @@ def _sample(path: str, dependant: Any) -> str:
     for param in getattr(dependant, "path_params", ()):
         value = "1" if param.field_info.annotation is int else "x"
         path = path.replace("{" + param.name + "}", value)
+        path = path.replace("{" + param.name + ":path}", value)
     assert "{" not in path, f"unfilled path parameter in {path}"
     return path
 

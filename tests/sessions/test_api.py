@@ -279,7 +279,12 @@ async def test_risk_checks(api: Api) -> None:
     assert moved["valid"] and moved["risk"] == ["network_changed"]
     assert not moved["step_up_required"]
     stolen = await api.validate(s["session_token"], fingerprint="fp-other")
-    assert stolen == {"valid": False, "reason": "risk_revoked"}
+    assert stolen == {
+        "valid": False,
+        "reason": "risk_revoked",
+        "session_id": s["session_id"],
+        "risk": ["fingerprint_changed"],
+    }
     assert (await api.validate(s["session_token"]))["reason"] == "revoked"
     metrics = (await api.client.get("/metrics")).text
     assert 'tenfold_sessions_suspicious_total{action="revoke",signal="fingerprint_changed"}' in (
@@ -463,3 +468,42 @@ async def test_country_change_asks_for_step_up(
         assert abroad["risk"] == ["network_changed", "country_changed"]
         devices = await client.get("/api/v1/users/u1/sessions", headers=api.headers)
         assert devices.json()["sessions"][0]["location"] == "DE"
+
+
+async def test_busy_sessions_are_reloaded_ahead_of_expiry(api: Api, clock: ManualClock) -> None:
+    service = api.service
+    s = await api.create()
+    reads: list[str] = []
+    original = service.store.get
+
+    async def counting_get(session_id: str) -> Any:
+        reads.append(session_id)
+        return await original(session_id)
+
+    service.store.get = counting_get
+    assert (await service.validate(s["session_token"])).valid
+    assert reads == [s["session_id"]]  # a first load (scale-out: it also fills Redis)
+    clock.advance(0.6)  # past half of the copy's one-second lifetime
+    assert (await service.validate(s["session_token"])).valid  # answered from the copy ...
+    assert service._background  # ... while a reload runs beside it
+    await asyncio.gather(*service._background)
+    fetched = service._local[s["session_id"]].fetched_ms
+    assert fetched == service.clock.now_ms()
+    clock.advance(0.6)
+    assert service.validate_cached(s["session_token"]).valid  # never stale, never waited
+    await asyncio.gather(*service._background)
+    await api.client.delete(f"/api/v1/sessions/{s['session_id']}", headers=api.headers)
+    assert (await service.validate(s["session_token"])).reason == "revoked"
+
+
+async def test_user_ids_may_hold_slashes(api: Api) -> None:
+    s = await api.create("org/acme/alice")
+    listing = await api.client.get("/api/v1/users/org/acme/alice/sessions", headers=api.headers)
+    assert listing.status_code == 200, listing.text
+    assert [d["session_id"] for d in listing.json()["sessions"]] == [s["session_id"]]
+    encoded = await api.client.get("/api/v1/users/org%2Facme%2Falice/sessions", headers=api.headers)
+    assert encoded.json()["sessions"] == listing.json()["sessions"]
+    ended = await api.client.post(
+        "/api/v1/users/org/acme/alice/sessions/revoke", json={}, headers=api.headers
+    )
+    assert ended.json()["revoked"] == [s["session_id"]]

@@ -233,7 +233,11 @@ def issued_out(issued: Issued) -> IssuedOut:
 
 def validation_body(v: Validation) -> dict[str, Any]:
     if not v.valid:
-        return {"valid": False, "reason": str(v.reason) if v.reason else None}
+        body: dict[str, Any] = {"valid": False, "reason": str(v.reason) if v.reason else None}
+        if v.risk:  # a risk revocation says which session and why
+            body["session_id"] = v.session_id
+            body["risk"] = list(v.risk)
+        return body
     return {
         "valid": True,
         "session_id": v.session_id,
@@ -408,7 +412,7 @@ def build_router(
         return Response(status_code=204)
 
     @router.get(
-        "/api/v1/users/{user_id}/sessions",
+        "/api/v1/users/{user_id:path}/sessions",
         response_model=DeviceList,
         summary="The user's sessions and devices, newest first",
     )
@@ -455,7 +459,7 @@ def build_router(
         )
 
     @router.post(
-        "/api/v1/users/{user_id}/sessions/revoke",
+        "/api/v1/users/{user_id:path}/sessions/revoke",
         response_model=RevokedOut,
         summary="End the user's sessions: all, all of a type, or all others",
     )

@@ -10,6 +10,7 @@ takes effect within that time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ MAX_WALK = 10_000  # generations an old refresh token is walked forward to recog
 HANDOFF_SECONDS = 60
 LOCAL_CACHE_MAX = 200_000
 REDIS_TTL_SECONDS = 60
+SECOND_DROP_SECONDS = 1.0  # a change's Redis copy is dropped again after this (racing refills)
 _DUMMY_DIGEST = tokens.digest("x" * 43)
 
 
@@ -138,6 +140,11 @@ class SessionService:
         self._invalidations: set[str] = set()  # to drop from Redis once it answers again
         self._subscription: Any = None
         self._ring_reloaded = 0.0
+        # Bumped whenever a session's copies are dropped: a load that read before the bump
+        # must not put what it read back into a cache (it may predate the change).
+        self._epochs: dict[str, int] = {}
+        self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- creation -------------------------------------------------------------------------
 
@@ -268,13 +275,20 @@ class SessionService:
     ) -> Validation | None:
         """Validate from this process's cache alone; None when the session is not cached
         (then call `validate`). The in-process fast path."""
+        if token.count(".") == 2 and token.startswith("eyJ"):
+            return None  # an access token: `validate` checks it (and may reload keys)
         parsed = tokens.parse_session_token(token)
         if parsed is None or (session_id is not None and parsed[0] != session_id):
             return self._refused(Reason.MALFORMED)
         entry = self._local.get(parsed[0])
         now = self.clock.now_ms()
-        if entry is None or now - entry.fetched_ms >= self.config.local_ttl_ms:
+        if entry is None:
             return None
+        age = now - entry.fetched_ms
+        if age >= self.config.local_ttl_ms:
+            return None
+        if age >= self.config.local_ttl_ms // 2:
+            self._refresh_ahead(parsed[0], entry)
         return self._decide(entry, parsed[1], now, ip, fingerprint, cached_only=True)
 
     async def validate(
@@ -289,8 +303,11 @@ class SessionService:
         sid, secret = parsed
         now = self.clock.now_ms()
         entry = self._local.get(sid)
-        if entry is None or now - entry.fetched_ms >= self.config.local_ttl_ms:
-            entry = await self._load(sid, now, entry)
+        age = now - entry.fetched_ms if entry is not None else 0
+        if entry is not None and self.config.local_ttl_ms // 2 <= age < self.config.local_ttl_ms:
+            self._refresh_ahead(sid, entry)  # busy sessions never wait for a reload
+        elif entry is None or age >= self.config.local_ttl_ms:
+            entry = await self._load_once(sid, now, entry)
             if entry is None:
                 tokens.same(tokens.digest(secret), _DUMMY_DIGEST)  # the same work either way
                 return self._refused(Reason.UNKNOWN)
@@ -428,21 +445,57 @@ class SessionService:
             float(claims["exp"]),
         )
 
+    async def _load_once(self, session_id: str, now: int, stale: _Entry | None) -> _Entry | None:
+        """Load a session; concurrent requests for the same one share a single load."""
+        loading = self._loading.get(session_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(session_id, now, stale))
+            self._loading[session_id] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(session_id, None))
+        return await asyncio.shield(loading)
+
+    def _refresh_ahead(self, session_id: str, entry: _Entry) -> None:
+        if session_id in self._loading:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the entry simply expires
+        task = asyncio.ensure_future(self._load(session_id, entry.fetched_ms, entry))
+        self._loading[session_id] = task
+        self._background.add(task)
+        task.add_done_callback(lambda t: self._refreshed(session_id, t))
+
+    def _refreshed(self, session_id: str, task: asyncio.Future[_Entry | None]) -> None:
+        self._loading.pop(session_id, None)
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("sessions.refresh_failed", error=str(task.exception()))
+
     async def _load(self, session_id: str, now: int, stale: _Entry | None) -> _Entry | None:
-        record = await self._read_shared(session_id)
+        for _ in range(3):
+            epoch = self._epochs.get(session_id, 0)
+            record = await self._read_shared(session_id, epoch)
+            if self._epochs.get(session_id, 0) == epoch:
+                break  # nothing changed the session while it was read
+        else:
+            record = await self.store.get(session_id)  # keeps changing: the source of truth
         if record is None:
             self._local.pop(session_id, None)
             return None
         await self.ensure_keys(record)
         seen = max(record.last_seen_at_ms, stale.last_seen_ms if stale else 0)
         persisted = max(record.last_seen_at_ms, stale.persisted_seen_ms if stale else 0)
-        entry = _Entry(record, now, seen, persisted)
-        if len(self._local) >= LOCAL_CACHE_MAX:
-            self._local.clear()
-        self._local[session_id] = entry
+        entry = _Entry(record, self.clock.now_ms(), seen, persisted)
+        if stale is not None:
+            entry.presented = stale.presented
+        if self._epochs.get(session_id, 0) == epoch:
+            if len(self._local) >= LOCAL_CACHE_MAX:
+                self._local.clear()
+            self._local[session_id] = entry
         return entry
 
-    async def _read_shared(self, session_id: str) -> SessionRecord | None:
+    async def _read_shared(self, session_id: str, epoch: int) -> SessionRecord | None:
         """Redis when configured (and answering), else SQL; SQL fills Redis."""
         if self.kv is None or session_id in self._invalidations:
             # No shared cache, or its copy may be stale (changed while Redis was away).
@@ -455,8 +508,9 @@ class SessionService:
         if cached is not None:
             return _decode(cached) if cached != b"-" else None
         record = await self.store.get(session_id)
-        with contextlib.suppress(BackendUnavailable):
-            await self.kv.set(key, _encode(record) if record else b"-", ttl=REDIS_TTL_SECONDS)
+        if self._epochs.get(session_id, 0) == epoch:  # else what was read may be outdated
+            with contextlib.suppress(BackendUnavailable):
+                await self.kv.set(key, _encode(record) if record else b"-", ttl=REDIS_TTL_SECONDS)
         return record
 
     # -- refresh --------------------------------------------------------------------------
@@ -624,28 +678,49 @@ class SessionService:
         )
         return await self.revoke_many(ids, reason="bulk", actor=actor)
 
-    async def _invalidate(self, session_ids: Sequence[str]) -> None:
+    def _drop_local(self, session_ids: Sequence[str]) -> None:
+        if len(self._epochs) > LOCAL_CACHE_MAX:
+            self._epochs.clear()
         for sid in session_ids:
             self._local.pop(sid, None)
+            self._epochs[sid] = self._epochs.get(sid, 0) + 1
+
+    async def _invalidate(self, session_ids: Sequence[str]) -> None:
+        self._drop_local(session_ids)
         if self.kv is None or not session_ids:
             return
         try:
-            await self.kv.delete(*(self.kv.key("sess", sid) for sid in session_ids))
-            await self.kv.publish(INVALIDATE_CHANNEL, ",".join(session_ids).encode())
+            await self._drop_shared(session_ids)
         except BackendUnavailable:
             # SQL holds the change; Redis's copies are dropped as soon as it answers again.
             self._invalidations.update(session_ids)
+            return
+        # Another process may have read the session from SQL just before the change and be
+        # about to store that copy in Redis: drop it once more after that window.
+        task = asyncio.ensure_future(self._drop_again(list(session_ids)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drop_shared(self, session_ids: Sequence[str]) -> None:
+        assert self.kv is not None
+        await self.kv.delete(*(self.kv.key("sess", sid) for sid in session_ids))
+        await self.kv.publish(INVALIDATE_CHANNEL, ",".join(session_ids).encode())
+
+    async def _drop_again(self, session_ids: list[str]) -> None:
+        await asyncio.sleep(SECOND_DROP_SECONDS)
+        try:
+            await self._drop_shared(session_ids)
+        except BackendUnavailable:
+            self._invalidations.update(session_ids)
 
     async def on_invalidate(self, message: bytes) -> None:
-        for sid in message.decode().split(","):
-            self._local.pop(sid, None)
+        self._drop_local(message.decode().split(","))
 
     async def retry_invalidations(self) -> int:
         if not self._invalidations or self.kv is None:
             return 0
         pending = sorted(self._invalidations)
-        await self.kv.delete(*(self.kv.key("sess", sid) for sid in pending))
-        await self.kv.publish(INVALIDATE_CHANNEL, ",".join(pending).encode())
+        await self._drop_shared(pending)
         self._invalidations.difference_update(pending)
         return len(pending)
 
@@ -778,6 +853,10 @@ class SessionService:
             self._subscription = await self.kv.subscribe(INVALIDATE_CHANNEL, self.on_invalidate)
 
     async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.flush()
         if self._subscription is not None:

@@ -284,7 +284,12 @@ class SqlSessionStore:
         return [_record(r) for r in rows]
 
     async def sealed_with_other_keys(self, key_id: str, limit: int) -> list[SessionRecord]:
-        query = sa.select(sessions).where(sessions.c.key_id != key_id).limit(limit)
+        query = (
+            sa.select(sessions)
+            .where(sessions.c.key_id != key_id)
+            .order_by(sessions.c.session_id)
+            .limit(limit)
+        )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_record(r) for r in rows]
