@@ -507,3 +507,26 @@ async def test_user_ids_may_hold_slashes(api: Api) -> None:
         "/api/v1/users/org/acme/alice/sessions/revoke", json={}, headers=api.headers
     )
     assert ended.json()["revoked"] == [s["session_id"]]
+
+
+async def test_two_processes_racing_creations_respect_the_limit(
+    stack: dict[str, Any], clock: ManualClock, admin_key_of: Any
+) -> None:
+    settings = make_settings(
+        **stack,
+        services=["sessions"],
+        sessions_policies={"mobile": {"max_sessions": 3, "on_limit": "deny"}},
+    )
+    async with (
+        serve_app(settings, clock) as (_, a),
+        serve_app(settings, clock) as (_, b),
+    ):
+        headers = {"Authorization": f"Bearer {admin_key_of(settings)}"}
+        body = {"user_id": "racer", "session_type": "mobile"}
+        answers = await asyncio.gather(
+            *(c.post("/api/v1/sessions", json=body, headers=headers) for c in [a, b] * 8)
+        )
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [201] * 3 + [409] * 13
+        listing = await a.get("/api/v1/users/racer/sessions", headers=headers)
+        assert len(listing.json()["sessions"]) == 3

@@ -7,6 +7,7 @@ either in clear. No I/O here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -15,6 +16,7 @@ IPV4_PREFIX = 24
 IPV6_PREFIX = 48
 
 
+@functools.lru_cache(maxsize=4096)
 def network(ip: str) -> str | None:
     """The address's network (/24 for IPv4, /48 for IPv6), or None if it is not an address."""
     try:

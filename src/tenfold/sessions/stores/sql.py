@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tenfold.kernel.sql import is_sqlite
@@ -48,10 +50,48 @@ def _user_lock_id(user_id: str) -> int:
     )
 
 
+_LOCK_USERS = sa.text(
+    "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k"
+)
+
+
+def _lock_users(user_ids: Sequence[str]) -> Any:
+    """One statement (compiled once) taking the users' transaction locks in a fixed order."""
+    return _LOCK_USERS.bindparams(keys=sorted({_user_lock_id(u) for u in user_ids}))
+
+
+def _event(row: EventRow, at_ms: int) -> dict[str, Any]:
+    sid, user, kind, actor, detail = row
+    return {
+        "session_id": sid,
+        "user_id": user,
+        "at_ms": at_ms,
+        "kind": kind,
+        "actor": actor,
+        "detail": orjson.dumps(detail).decode(),
+    }
+
+
+@dataclass(slots=True)
+class _Creation:
+    record: SessionRecord
+    max_sessions: int
+    on_limit: OnLimit
+    actor: str | None
+    detail: dict[str, object]
+    future: asyncio.Future[list[str]]
+
+
+MAX_BATCH = 500  # creations per transaction
+MAX_WRITERS = 4  # creation transactions in flight at once
+
+
 class SqlSessionStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.sqlite = is_sqlite(engine)
+        self._queue: list[_Creation] = []
+        self._writers: set[asyncio.Task[None]] = set()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -64,54 +104,107 @@ class SqlSessionStore:
         actor: str | None,
         detail: dict[str, object],
     ) -> list[str]:
-        """Insert the session within the user's limit for its type; the ids evicted for it."""
-        now = record.created_at_ms
-        evicted: list[str] = []
+        """Insert the session within the user's limit for its type; the ids evicted for it.
+
+        Creations arriving together are written together (one transaction for all that
+        queued while the previous one was in flight): a round trip per batch, not per session.
+        """
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Creation(record, max_sessions, on_limit, actor, detail, future))
+        if len(self._writers) < MAX_WRITERS:
+            # A few transactions in flight at once: a commit's latency does not stall the rest.
+            writer = asyncio.ensure_future(self._write_creations())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        return await future
+
+    async def _write_creations(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                outcomes = await self._create_batch(batch)
+            except BaseException as exc:  # the batch failed as a whole: so does each creation
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.future.done():  # the caller gave up; the session exists regardless
+                    continue
+                if isinstance(outcome, LimitReached):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
+    async def _create_batch(self, batch: list[_Creation]) -> list[list[str] | LimitReached]:
+        now = max(item.record.created_at_ms for item in batch)
+        limited = sorted({item.record.user_id for item in batch if item.max_sessions})
+        outcomes: list[list[str] | LimitReached] = []
+        rows: list[dict[str, Any]] = []
+        events: list[tuple[EventRow, int]] = []
+        evicted_all: list[str] = []
         async with self.engine.begin() as conn:
-            if not self.sqlite:  # SQLite's writers are serialised already (BEGIN IMMEDIATE)
-                await conn.execute(
-                    sa.select(sa.func.pg_advisory_xact_lock(_user_lock_id(record.user_id)))
+            active: dict[tuple[str, str], list[str]] = {}
+            if limited:
+                if not self.sqlite:  # SQLite's writers are serialised already (BEGIN IMMEDIATE)
+                    await conn.execute(_lock_users(limited))
+                users = (
+                    sessions.c.user_id.in_(limited)
+                    if self.sqlite  # PostgreSQL: one array parameter, the same statement each time
+                    else sessions.c.user_id == sa.func.any(sa.cast(limited, ARRAY(sa.String)))
                 )
-            if max_sessions:
-                active = (
-                    (
-                        await conn.execute(
-                            sa.select(sessions.c.session_id)
-                            .where(
-                                sessions.c.user_id == record.user_id,
-                                sessions.c.session_type == str(record.session_type),
-                                sessions.c.revoked_at_ms.is_(None),
-                                sessions.c.expires_at_ms > now,
+                found = await conn.execute(
+                    sa.select(sessions.c.session_id, sessions.c.user_id, sessions.c.session_type)
+                    .where(
+                        users,
+                        sessions.c.revoked_at_ms.is_(None),
+                        sessions.c.expires_at_ms > now,
+                    )
+                    .order_by(sessions.c.created_at_ms, sessions.c.session_id)
+                )
+                for sid, user, kind in found.all():
+                    active.setdefault((user, kind), []).append(sid)
+            for item in batch:
+                record = item.record
+                evicted: list[str] = []
+                if item.max_sessions:
+                    ids = active.setdefault((record.user_id, str(record.session_type)), [])
+                    excess = len(ids) - item.max_sessions + 1
+                    if excess > 0 and item.on_limit is OnLimit.DENY:
+                        outcomes.append(
+                            LimitReached(
+                                "user_id",
+                                f"the user has {len(ids)} {record.session_type} sessions, "
+                                "the most allowed; end one first",
                             )
-                            .order_by(sessions.c.created_at_ms, sessions.c.session_id)
                         )
-                    )
-                    .scalars()
-                    .all()
-                )
-                excess = len(active) - max_sessions + 1
-                if excess > 0:
-                    if on_limit is OnLimit.DENY:
-                        raise LimitReached(
-                            "user_id",
-                            f"the user has {len(active)} {record.session_type} sessions, "
-                            f"the most allowed; end one first",
-                        )
-                    evicted = list(active[:excess])
-                    await self._revoke(conn, evicted, now, "evicted")
-                    await self._events(
-                        conn,
-                        [
-                            (sid, record.user_id, "evicted", actor, {"by": record.session_id})
+                        continue
+                    if excess > 0:
+                        evicted, ids[:excess] = ids[:excess], []
+                        evicted_all += evicted
+                        by: dict[str, object] = {"by": record.session_id}
+                        events += [
+                            ((sid, record.user_id, "evicted", item.actor, by), record.created_at_ms)
                             for sid in evicted
-                        ],
-                        now,
+                        ]
+                    ids.append(record.session_id)
+                outcomes.append(evicted)
+                rows.append(_row(record))
+                events.append(
+                    (
+                        (record.session_id, record.user_id, "created", item.actor, item.detail),
+                        record.created_at_ms,
                     )
-            await conn.execute(sessions.insert().values(**_row(record)))
-            await self._events(
-                conn, [(record.session_id, record.user_id, "created", actor, detail)], now
-            )
-        return evicted
+                )
+            if evicted_all:
+                await self._revoke(conn, evicted_all, now, "evicted")
+            if rows:
+                await conn.execute(sessions.insert(), rows)
+            if events:
+                await conn.execute(session_events.insert(), [_event(*e) for e in events])
+        return outcomes
 
     async def rotate(
         self,
@@ -224,20 +317,7 @@ class SqlSessionStore:
     async def add_events(self, rows: Sequence[tuple[EventRow, int]]) -> None:
         """Events recorded earlier, each with its own time."""
         async with self.engine.begin() as conn:
-            await conn.execute(
-                session_events.insert(),
-                [
-                    {
-                        "session_id": sid,
-                        "user_id": user,
-                        "at_ms": at_ms,
-                        "kind": kind,
-                        "actor": actor,
-                        "detail": orjson.dumps(detail).decode(),
-                    }
-                    for (sid, user, kind, actor, detail), at_ms in rows
-                ],
-            )
+            await conn.execute(session_events.insert(), [_event(*row) for row in rows])
 
     async def reseal(self, session_id: str, key_id: str, sealed: bytes, old_key_id: str) -> bool:
         async with self.engine.begin() as conn:
