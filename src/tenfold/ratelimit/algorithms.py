@@ -91,8 +91,11 @@ class Limit:
         return self.rate
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
+    """One check's outcome. Read-only by convention: not a frozen dataclass, whose
+    construction costs several times more on the hot path."""
+
     allowed: bool
     limit: int
     remaining: int

@@ -73,7 +73,8 @@ class PolicyStore(Protocol):
     async def record_events(self, rows: Sequence[dict[str, Any]]) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+# Applied and CheckResult are made on every check: read-only by convention, not frozen (cost).
+@dataclass(slots=True)
 class Applied:
     policy: Policy
     limit: Limit
@@ -93,7 +94,7 @@ class Plan:
 PLAN_CACHE = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckResult:
     allowed: bool
     applied: tuple[Applied, ...]
