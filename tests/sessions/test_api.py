@@ -470,9 +470,12 @@ async def test_country_change_asks_for_step_up(
         assert devices.json()["sessions"][0]["location"] == "DE"
 
 
-async def test_busy_sessions_are_reloaded_ahead_of_expiry(api: Api, clock: ManualClock) -> None:
+async def test_copies_are_confirmed_by_polling_the_change_log(
+    api: Api, clock: ManualClock, stack: dict[str, Any], admin_key_of: Any
+) -> None:
     service = api.service
     s = await api.create()
+    other = await api.create("u2")
     reads: list[str] = []
     original = service.store.get
 
@@ -481,19 +484,27 @@ async def test_busy_sessions_are_reloaded_ahead_of_expiry(api: Api, clock: Manua
         return await original(session_id)
 
     service.store.get = counting_get
-    assert (await service.validate(s["session_token"])).valid
-    assert reads == [s["session_id"]]  # a first load (scale-out: it also fills Redis)
-    clock.advance(0.6)  # past half of the copy's one-second lifetime
-    assert (await service.validate(s["session_token"])).valid  # answered from the copy ...
-    assert service._background  # ... while a reload runs beside it
-    await asyncio.gather(*service._background)
-    fetched = service._local[s["session_id"]].fetched_ms
-    assert fetched == service.clock.now_ms()
+    for token in (s["session_token"], other["session_token"]):
+        assert (await service.validate(token)).valid
+    assert reads == [s["session_id"], other["session_id"]]  # first reads (scale-out: fill Redis)
+    await asyncio.gather(*(t for t in [service._polling] if t))
+    for _ in range(5):  # five seconds of use: the copies are confirmed, never read again
+        clock.advance(0.6)
+        assert service.validate_cached(s["session_token"]).valid
+        await asyncio.gather(*(t for t in [service._polling] if t))
+    assert len(reads) == 2
+
+    # Another process (here: the store directly, as the CLI does) ends a session: the next
+    # poll, within a second, drops that copy and that copy only.
+    await service.store.revoke(
+        [other["session_id"]], now_ms=clock.now_ms(), reason="cli", actor=None
+    )
     clock.advance(0.6)
-    assert service.validate_cached(s["session_token"]).valid  # never stale, never waited
-    await asyncio.gather(*service._background)
-    await api.client.delete(f"/api/v1/sessions/{s['session_id']}", headers=api.headers)
-    assert (await service.validate(s["session_token"])).reason == "revoked"
+    assert service.validate_cached(s["session_token"]).valid
+    await asyncio.gather(*(t for t in [service._polling] if t))
+    assert service.validate_cached(other["session_token"]) is None  # dropped: read it again
+    assert (await service.validate(other["session_token"])).reason == "revoked"
+    assert service.validate_cached(s["session_token"]).valid
 
 
 async def test_user_ids_may_hold_slashes(api: Api) -> None:

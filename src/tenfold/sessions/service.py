@@ -66,6 +66,9 @@ HANDOFF_SECONDS = 60
 LOCAL_CACHE_MAX = 200_000
 REDIS_TTL_SECONDS = 60
 SECOND_DROP_SECONDS = 1.0  # a change's Redis copy is dropped again after this (racing refills)
+CHANGE_MARGIN_MS = 5_000  # polls overlap by this: late commits, clocks a little apart
+KEEP_CHANGES_MS = 3_600_000  # the change log keeps an hour
+PRUNE_CHANGES_MS = 60_000
 _DUMMY_DIGEST = tokens.digest("x" * 43)
 
 
@@ -145,6 +148,12 @@ class SessionService:
         self._epochs: dict[str, int] = {}
         self._loading: dict[str, asyncio.Future[_Entry | None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Every copy is confirmed at once by polling the log of changed sessions: when the
+        # last poll that found nothing to drop started (ms); 0 before the first.
+        self._confirmed_ms = 0
+        self._polling: asyncio.Task[None] | None = None
+        self._changes_pruned_ms = 0
+        self._from_sql: set[str] = set()  # changed sessions whose Redis copy is not trusted
 
     # -- creation -------------------------------------------------------------------------
 
@@ -282,13 +291,8 @@ class SessionService:
             return self._refused(Reason.MALFORMED)
         entry = self._local.get(parsed[0])
         now = self.clock.now_ms()
-        if entry is None:
+        if entry is None or not self._trusted(entry, now):
             return None
-        age = now - entry.fetched_ms
-        if age >= self.config.local_ttl_ms:
-            return None
-        if age >= self.config.local_ttl_ms // 2:
-            self._refresh_ahead(parsed[0], entry)
         return self._decide(entry, parsed[1], now, ip, fingerprint, cached_only=True)
 
     async def validate(
@@ -303,10 +307,7 @@ class SessionService:
         sid, secret = parsed
         now = self.clock.now_ms()
         entry = self._local.get(sid)
-        age = now - entry.fetched_ms if entry is not None else 0
-        if entry is not None and self.config.local_ttl_ms // 2 <= age < self.config.local_ttl_ms:
-            self._refresh_ahead(sid, entry)  # busy sessions never wait for a reload
-        elif entry is None or age >= self.config.local_ttl_ms:
+        if entry is None or not self._trusted(entry, now):
             entry = await self._load_once(sid, now, entry)
             if entry is None:
                 tokens.same(tokens.digest(secret), _DUMMY_DIGEST)  # the same work either way
@@ -454,23 +455,45 @@ class SessionService:
             loading.add_done_callback(lambda _: self._loading.pop(session_id, None))
         return await asyncio.shield(loading)
 
-    def _refresh_ahead(self, session_id: str, entry: _Entry) -> None:
-        if session_id in self._loading:
+    def _trusted(self, entry: _Entry, now: int) -> bool:
+        """Is the copy known to be current within the last `local_ttl_ms`? Either it was read
+        that recently, or a poll of the change log that recently found no change to it."""
+        ttl = self.config.local_ttl_ms
+        confirmed = self._confirmed_ms
+        if now - confirmed >= ttl // 2:
+            self._poll_soon()  # before the copies run out: busy sessions never wait
+        return now - max(entry.fetched_ms, confirmed) < ttl
+
+    def _poll_soon(self) -> None:
+        if self._polling is not None and not self._polling.done():
             return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return  # no loop (a synchronous caller): the entry simply expires
-        task = asyncio.ensure_future(self._load(session_id, entry.fetched_ms, entry))
-        self._loading[session_id] = task
-        self._background.add(task)
-        task.add_done_callback(lambda t: self._refreshed(session_id, t))
+            return  # a synchronous caller: copies simply expire, and are read again
+        self._polling = asyncio.ensure_future(self._poll())
 
-    def _refreshed(self, session_id: str, task: asyncio.Future[_Entry | None]) -> None:
-        self._loading.pop(session_id, None)
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("sessions.refresh_failed", error=str(task.exception()))
+    async def _poll(self) -> None:
+        """Drop the copies of sessions changed since the last poll; confirm all the others."""
+        started = self.clock.now_ms()
+        since = (self._confirmed_ms or started) - CHANGE_MARGIN_MS
+        try:
+            changed = await self.store.changed_since(since)
+            if started - self._changes_pruned_ms >= PRUNE_CHANGES_MS:
+                self._changes_pruned_ms = started
+                await self.store.forget_changes(started - KEEP_CHANGES_MS)
+        except Exception as exc:  # copies expire by themselves; the next request polls again
+            log.warning("sessions.poll_failed", error=str(exc))
+            return
+        self._drop_local(changed)
+        if self.kv is not None:  # whoever changed them may not have reached Redis: read SQL
+            self._from_sql.update(changed)
+            if len(self._from_sql) > LOCAL_CACHE_MAX:
+                self._from_sql.clear()
+        # A copy read before the window this poll looked at cannot be confirmed by it.
+        stale = [sid for sid, e in self._local.items() if e.fetched_ms < since]
+        self._drop_local(stale)
+        self._confirmed_ms = max(self._confirmed_ms, started)
 
     async def _load(self, session_id: str, now: int, stale: _Entry | None) -> _Entry | None:
         for _ in range(3):
@@ -501,10 +524,14 @@ class SessionService:
             # No shared cache, or its copy may be stale (changed while Redis was away).
             return await self.store.get(session_id)
         key = self.kv.key("sess", session_id)
-        try:
-            cached = await self.kv.get(key)
-        except BackendUnavailable:
-            return await self.store.get(session_id)
+        cached = None
+        if session_id in self._from_sql:
+            self._from_sql.discard(session_id)  # read SQL this once, and heal Redis's copy
+        else:
+            try:
+                cached = await self.kv.get(key)
+            except BackendUnavailable:
+                return await self.store.get(session_id)
         if cached is not None:
             return _decode(cached) if cached != b"-" else None
         record = await self.store.get(session_id)
@@ -853,6 +880,8 @@ class SessionService:
             self._subscription = await self.kv.subscribe(INVALIDATE_CHANNEL, self.on_invalidate)
 
     async def stop(self) -> None:
+        if self._polling is not None:
+            self._background.add(self._polling)
         for task in list(self._background):
             task.cancel()
         if self._background:

@@ -69,3 +69,14 @@ session_handoffs = sa.Table(
     sa.Column("used_at_ms", MS),
     sa.Index("ix_session_handoffs_expires", "expires_at_ms"),
 )
+
+session_changes = sa.Table(
+    "session_changes",
+    metadata,
+    sa.Column("change_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("session_id", sa.String(32), nullable=False),
+    sa.Column("at_ms", MS, nullable=False),
+    sa.Index("ix_session_changes_at", "at_ms"),
+)
+"""Sessions revoked or rotated recently: each process polls it about once a second to drop its
+stale copies (the safety net under pub/sub, and the only signal between embedded processes)."""

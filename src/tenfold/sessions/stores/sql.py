@@ -21,7 +21,7 @@ from tenfold.sessions.models import (
     SessionRecord,
     SessionType,
 )
-from tenfold.sessions.tables import session_events, session_handoffs, sessions
+from tenfold.sessions.tables import session_changes, session_events, session_handoffs, sessions
 
 _COLUMNS = [f.name for f in fields(SessionRecord)]
 EventRow = tuple[str, str, str, str | None, dict[str, object]]  # session, user, kind, actor, detail
@@ -237,6 +237,7 @@ class SqlSessionStore:
             )
             if result.rowcount != 1:
                 return False
+            await self._changed(conn, [session_id], now_ms)
             await self._events(conn, [event], now_ms)
         return True
 
@@ -464,6 +465,26 @@ class SqlSessionStore:
                 .where(sessions.c.session_id.in_(ids), sessions.c.revoked_at_ms.is_(None))
                 .values(revoked_at_ms=now_ms, revoke_reason=reason)
             )
+            await self._changed(conn, ids, now_ms)
+
+    async def _changed(self, conn: AsyncConnection, session_ids: list[str], now_ms: int) -> None:
+        await conn.execute(
+            session_changes.insert(), [{"session_id": s, "at_ms": now_ms} for s in session_ids]
+        )
+
+    async def changed_since(self, since_ms: int, limit: int = 100_000) -> list[str]:
+        """Sessions revoked or rotated at or after `since_ms` (by the writers' clocks)."""
+        query = (
+            sa.select(session_changes.c.session_id)
+            .where(session_changes.c.at_ms >= since_ms)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars().all())
+
+    async def forget_changes(self, before_ms: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(session_changes.delete().where(session_changes.c.at_ms < before_ms))
 
     async def _events(self, conn: AsyncConnection, rows: Sequence[EventRow], now_ms: int) -> None:
         if rows:
