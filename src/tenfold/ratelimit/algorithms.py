@@ -11,7 +11,7 @@ and refilling adds `rate` units per millisecond, with no fractions.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from tenfold.kernel.errors import FieldError
@@ -49,6 +49,12 @@ class Limit:
     rate: int  # requests per window
     window_ms: int
     burst: int  # bucket capacity; equals rate for window algorithms
+    # The end of every counter key under this limit, built once (keys are built per check).
+    key_tail: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        tail = f":{self.algorithm.value}:{self.rate}:{self.window_ms}"
+        object.__setattr__(self, "key_tail", tail)
 
     @classmethod
     def of(

@@ -40,7 +40,7 @@ class RateLimiter:
         return cls(store, clock=clock, prefix=prefix)
 
     def key(self, limit: Limit, key: str) -> str:
-        return f"{self.prefix}:rl:{{{key}}}:{limit.algorithm}:{limit.rate}:{limit.window_ms}"
+        return f"{self.prefix}:rl:{{{key}}}{limit.key_tail}"
 
     def hit(self, limit: Limit, key: str, weight: int = 1) -> Decision:
         """Consume `weight` if allowed."""

@@ -9,9 +9,10 @@ from typing import Protocol
 from tenfold.ratelimit.algorithms import Decision, Limit
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Probe:
-    """One counter one check touches: its key, its limit, and whether it only observes."""
+    """One counter one check touches: its key, its limit, and whether it only observes.
+    Read-only by convention (made per check: a frozen dataclass costs more to build)."""
 
     key: str
     limit: Limit
