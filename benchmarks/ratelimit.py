@@ -5,7 +5,7 @@ Three groups, all in one run:
 * memory-*: in-process memory storage, sync API, one thread, decisions per second;
 * redis-*:  both libraries on the same Redis (127.0.0.1:6379), sync, with Redis commands and
             round trips per decision;
-* http-check: tenfold's `POST /api/v1/ratelimit/check` on uvicorn, loaded by wrk, as a share of
+* http-check-<server>: tenfold's `POST /api/v1/ratelimit/check` on uvicorn and on granian, loaded by wrk, as a share of
             the bare-ASGI ceiling measured in the same run (see benchmarks/http.py).
 
 A side that fails (e.g. tenfold's API not importable yet) yields a record with an "error" key and
@@ -364,8 +364,10 @@ def _admin_key(data_dir: Path, env: dict[str, str]) -> str:
         return [ln for ln in lines if ln][-1]
 
 
-def http_result(quick: bool, ceiling: dict[str, Any]) -> dict[str, Any]:
-    """tenfold's check endpoint on uvicorn (one process, memory backends)."""
+def http_result(
+    quick: bool, ceiling: dict[str, Any], server: bench_http.Server = "uvicorn"
+) -> dict[str, Any]:
+    """tenfold's check endpoint on one server process (memory backends)."""
     peer = ceiling["scenario"]
     data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-"))
     (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
@@ -379,7 +381,7 @@ def http_result(quick: bool, ceiling: dict[str, Any]) -> dict[str, Any]:
 
     def measure_check() -> bench_http.HttpFigures:
         _cli(["migrate"], env)
-        with bench_http.serve_app("tenfold.app:build_app", env, "uvicorn") as base_url:
+        with bench_http.serve_app("tenfold.app:build_app", env, server) as base_url:
             key = _admin_key(data_dir, env)
             status, text = _post(base_url + "/api/v1/policies", POLICY, key)
             if status == 404:
@@ -399,18 +401,19 @@ def http_result(quick: bool, ceiling: dict[str, Any]) -> dict[str, Any]:
                 headers={"Authorization": f"Bearer {key}"},
             )
 
-    log("ratelimit: http check on uvicorn")
+    log(f"ratelimit: http check on {server}")
+    scenario = f"http-check-{server}"
     try:
         figures, err = attempt(measure_check)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     uvicorn_ceiling = ceiling["by_server"].get("uvicorn")
     if figures is None:
-        return result("http-check", None, None, None, peer, ceiling["ops_per_s"], error=err)
+        return result(scenario, None, None, None, peer, ceiling["ops_per_s"], error=err)
     if figures.non_2xx:
         log(f"ratelimit: http check had {figures.non_2xx} non-2xx responses")
     return result(
-        "http-check",
+        scenario,
         figures.ops_per_s,
         figures.p50_ms,
         figures.p99_ms,
@@ -418,7 +421,7 @@ def http_result(quick: bool, ceiling: dict[str, Any]) -> dict[str, Any]:
         ceiling["ops_per_s"],
         share_of_ceiling=figures.ops_per_s / ceiling["ops_per_s"],
         share_of_uvicorn_ceiling=figures.ops_per_s / uvicorn_ceiling if uvicorn_ceiling else None,
-        server="uvicorn",
+        server=server,
         non_2xx=figures.non_2xx,
         socket_errors=figures.socket_errors,
     )
@@ -428,5 +431,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
     records = memory_results(quick)
     records += redis_results(quick)
     records += bench_http.ceiling_results(quick)
-    records.append(http_result(quick, bench_http.ceiling(quick)))
+    for server in bench_http.SERVERS:
+        records.append(http_result(quick, bench_http.ceiling(quick), server))
     return records
