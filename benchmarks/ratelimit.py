@@ -5,8 +5,9 @@ Three groups, all in one run:
 * memory-*: in-process memory storage, sync API, one thread, decisions per second;
 * redis-*:  both libraries on the same Redis (127.0.0.1:6379), sync, with Redis commands and
             round trips per decision;
-* http-check-<server>: tenfold's `POST /api/v1/ratelimit/check` on uvicorn and on granian, loaded by wrk, as a share of
-            the bare-ASGI ceiling measured in the same run (see benchmarks/http.py).
+* http-check-<server>: tenfold's `POST /api/v1/ratelimit/check` on uvicorn and on granian,
+            loaded by wrk, as a share of the bare-ASGI ceiling measured in the same run
+            (see benchmarks/http.py).
 
 A side that fails (e.g. tenfold's API not importable yet) yields a record with an "error" key and
 nulls for its figures; the other side is still measured and the runner exits non-zero.
