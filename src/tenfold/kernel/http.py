@@ -397,6 +397,28 @@ class LeanRoute:
         await serve_lean(self, scope, receive, send, (), scope.get("state", {}).get("request_id"))
 
 
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A lean handler's body: a JSON object, or the 400/422 problem saying why not."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidField("body", "must be a JSON object")
+    return body
+
+
+async def lean_response(fn: LeanFunction, request: Request) -> Response:
+    """Serve a lean handler from its FastAPI declaration (a request the edge did not serve)."""
+    status, payload, headers = await fn(request.scope, await request.body())
+    return Response(
+        payload,
+        status,
+        headers={k.decode(): v.decode() for k, v in headers},
+        media_type="application/json",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GateVerdict:
     """What a gate in front of the lean routes (the rate-limit guard) says of one request."""

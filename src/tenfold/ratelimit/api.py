@@ -20,8 +20,9 @@ from tenfold.kernel.http import (
     LeanResult,
     LeanRoute,
     NotFound,
-    Problem,
     RawHeaders,
+    json_object,
+    lean_response,
 )
 from tenfold.kernel.kv import RedisKV
 from tenfold.kernel.runtime import Mount, Runtime
@@ -323,11 +324,7 @@ def check_handler(service: RateLimitService, runtime: Runtime) -> LeanFunction:
 
     async def handle(scope: Any, raw: bytes) -> LeanResult:
         await authenticate(scope, RawHeaders(scope), keys, "ratelimit:write")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
-        req = _parse_check(body)
+        req = _parse_check(json_object(raw))
         ctx = CheckContext(
             req["client_id"], req["api_key"], req["resource"], req["ip"], req["region"]
         )
@@ -379,13 +376,7 @@ def build_router(
     )
     async def check(request: Request, _: Principal = writer) -> Response:
         # Served by the lean route below (mounted ahead of FastAPI); declared here for OpenAPI.
-        status, payload, headers = await lean_check(request.scope, await request.body())
-        return Response(
-            payload,
-            status,
-            headers={k.decode(): v.decode() for k, v in headers},
-            media_type="application/json",
-        )
+        return await lean_response(lean_check, request)
 
     @router.get("/api/v1/ratelimit/status", response_model=StatusResponse)
     async def status(
@@ -533,9 +524,7 @@ def build_router(
     return router
 
 
-def _parse_check(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidField("body", "must be a JSON object")
+def _parse_check(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, required, limit in (
         ("client_id", True, MAX_ID),

@@ -21,6 +21,8 @@ from tenfold.kernel.http import (
     NotFound,
     Problem,
     RawHeaders,
+    json_object,
+    lean_response,
 )
 from tenfold.kernel.runtime import Mount, Runtime
 from tenfold.sessions.models import (
@@ -293,12 +295,7 @@ def validate_handler(service: SessionService, runtime: Runtime, *, by_id: bool) 
 
     async def handle(scope: Any, raw: bytes) -> LeanResult:
         await authenticate(scope, RawHeaders(scope), keys, "sessions:read")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise Problem(400, "malformed-json", "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise InvalidField("body", "must be a JSON object")
+        body = json_object(raw)
         unknown = set(body) - {"session_token", "ip", "fingerprint"}
         if unknown:
             raise InvalidField(sorted(unknown)[0], "is not a known field")
@@ -322,15 +319,6 @@ def build_router(
     reader = require("sessions:read")
     writer = require("sessions:write")
     admin = require("sessions:admin")
-
-    async def lean_response(fn: LeanFunction, request: Request) -> Response:
-        status, payload, headers = await fn(request.scope, await request.body())
-        return Response(
-            payload,
-            status,
-            headers={k.decode(): v.decode() for k, v in headers},
-            media_type="application/json",
-        )
 
     async def record_or_404(session_id: str) -> SessionRecord:
         record = await service.get(session_id)

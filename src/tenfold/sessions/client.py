@@ -50,6 +50,7 @@ from tenfold.sessions.models import (
 )
 from tenfold.sessions.models import session_type as parse_session_type
 from tenfold.sessions.service import Issued, SessionService
+from tenfold.sessions.tokens import looks_like_jwt
 
 __all__ = [
     "HttpSessionClient",
@@ -237,10 +238,6 @@ class SessionClient(ABC):
 # --- in process ----------------------------------------------------------------------------
 
 
-def _looks_like_jwt(token: str) -> bool:
-    return token.count(".") == 2 and token.startswith("eyJ")
-
-
 class InProcessSessionClient(SessionClient):
     def __init__(self, service: SessionService, *, actor: str | None = None) -> None:
         self.service = service
@@ -281,7 +278,7 @@ class InProcessSessionClient(SessionClient):
     ) -> Validation:
         service = self.service
         # An access token is verified by signature, without any cache: validate() does that.
-        if not _looks_like_jwt(token):
+        if not looks_like_jwt(token):
             cached = service.validate_cached(
                 token, ip=ip, fingerprint=fingerprint, session_id=session_id
             )
@@ -301,7 +298,7 @@ class InProcessSessionClient(SessionClient):
         `local_ttl`, or when the request's ip or fingerprint differ from the session's device
         (a risk decision may have to write): then `await validate(...)` once. Access tokens
         (JWTs) go through `validate` too (a key rotated elsewhere may need a reload)."""
-        if _looks_like_jwt(token):
+        if looks_like_jwt(token):
             raise NotCached(
                 None,
                 "an access token (JWT) is verified with `await client.validate(token)`; "

@@ -284,7 +284,7 @@ class SessionService:
     ) -> Validation | None:
         """Validate from this process's cache alone; None when the session is not cached
         (then call `validate`). The in-process fast path."""
-        if token.count(".") == 2 and token.startswith("eyJ"):
+        if tokens.looks_like_jwt(token):
             return None  # an access token: `validate` checks it (and may reload keys)
         parsed = tokens.parse_session_token(token)
         if parsed is None or (session_id is not None and parsed[0] != session_id):
@@ -299,7 +299,7 @@ class SessionService:
         self, token: str, *, ip: str = "", fingerprint: str = "", session_id: str | None = None
     ) -> Validation:
         """A session token (or a signed access token) -> valid, or `valid: false` + reason."""
-        if token.count(".") == 2 and token.startswith("eyJ"):
+        if tokens.looks_like_jwt(token):
             return await self._validate_jwt(token)
         parsed = tokens.parse_session_token(token)
         if parsed is None or (session_id is not None and parsed[0] != session_id):

@@ -55,6 +55,11 @@ def parse_session_token(token: object) -> tuple[str, str] | None:
     return match[1], match[2]
 
 
+def looks_like_jwt(token: str) -> bool:
+    """A signed access token (compact JWS) rather than one of the opaque tokens."""
+    return token.count(".") == 2 and token.startswith("eyJ")
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshToken:
     session_id: str

@@ -488,17 +488,4 @@ class SqlSessionStore:
 
     async def _events(self, conn: AsyncConnection, rows: Sequence[EventRow], now_ms: int) -> None:
         if rows:
-            await conn.execute(
-                session_events.insert(),
-                [
-                    {
-                        "session_id": sid,
-                        "user_id": user,
-                        "at_ms": now_ms,
-                        "kind": kind,
-                        "actor": actor,
-                        "detail": orjson.dumps(detail).decode(),
-                    }
-                    for sid, user, kind, actor, detail in rows
-                ],
-            )
+            await conn.execute(session_events.insert(), [_event(row, now_ms) for row in rows])
