@@ -7,13 +7,16 @@ from typing import TYPE_CHECKING
 from tenfold.tasks.client import TaskClient, TaskFailed
 from tenfold.tasks.models import RetryPolicy, Status, Task, TaskError, TaskSpec
 from tenfold.tasks.registry import NonRetryable, TaskRegistry
+from tenfold.tasks.service_tasks import SERVICE_QUEUE, ServiceTasks, service_tasks
 
 if TYPE_CHECKING:
     from tenfold.kernel.runtime import Mount, Runtime
 
 __all__ = [
+    "SERVICE_QUEUE",
     "NonRetryable",
     "RetryPolicy",
+    "ServiceTasks",
     "Status",
     "Task",
     "TaskClient",
@@ -22,6 +25,7 @@ __all__ = [
     "TaskRegistry",
     "TaskSpec",
     "mount",
+    "service_tasks",
 ]
 
 

@@ -44,6 +44,7 @@ from tenfold.tasks.service import (
     TaskConflict,
     TaskService,
 )
+from tenfold.tasks.service_tasks import RUNTIME_KEY, service_tasks, service_worker_enabled
 from tenfold.tasks.stores.notify import LocalNotifier, Notifier, PgNotifier
 from tenfold.tasks.stores.sql import SqlTaskStore, release
 from tenfold.tasks.timeutil import from_ms
@@ -1076,8 +1077,14 @@ def mount(runtime: Runtime) -> Mount:
                 pool="embedded",
             )
             workers.append((worker, asyncio.ensure_future(worker.run())))
+        # tenfold's own services' background work (see service_tasks.py).
+        own = service_tasks(runtime)
+        if own.autostart and service_worker_enabled(runtime.settings):
+            await own.start()
 
     async def on_stop() -> None:
+        if RUNTIME_KEY in runtime.services:
+            await service_tasks(runtime).stop()
         for worker, task in workers:
             worker.stop()
             with contextlib.suppress(Exception):
