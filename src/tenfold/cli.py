@@ -351,6 +351,13 @@ def worker(
         bool,
         typer.Option(envvar="TENFOLD_WORKER_SCHEDULES", help="Fire cron schedules here"),
     ] = True,
+    service_tasks: Annotated[
+        bool,
+        typer.Option(
+            envvar="TENFOLD_WORKER_SERVICE_TASKS",
+            help="Also run the background tasks of tenfold's own services",
+        ),
+    ] = True,
     scale_check_seconds: Annotated[
         float, typer.Option(envvar="TENFOLD_WORKER_SCALE_CHECK_SECONDS")
     ] = 5.0,
@@ -379,6 +386,7 @@ def worker(
             grace_seconds=grace_seconds,
             pool_id=pool_id,
             schedules=schedules,
+            service_tasks=service_tasks,
             scale_check_seconds=scale_check_seconds,
             scale_cooldown_seconds=scale_cooldown_seconds,
             scale_wait_seconds=scale_wait_seconds,

@@ -13,12 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from tenfold.kernel.clock import ManualClock
-from tenfold.kernel.runtime import Runtime
+from tenfold.kernel.runtime import Mount, Runtime
 from tenfold.tasks import SERVICE_QUEUE, ServiceTasks, TaskClient, service_tasks
 from tenfold.tasks.api import service_for
 from tenfold.tasks.registry import TaskDef
 from tenfold.tasks.schedules import ScheduleError, Scheduler, get_schedule
-from tenfold.tasks.service_tasks import SERVICE_POOL
+from tenfold.tasks.service_tasks import SERVICE_POOL, run_mounted
 from tenfold.tasks.tables import task_schedules, tasks
 from tests.conftest import make_settings, serve_app
 
@@ -203,6 +203,41 @@ async def test_start_keeps_an_existing_schedule_and_its_next_run(
             await again.close()
     finally:
         await runtime.close()
+
+
+# -- `tenfold worker` runs them too ----------------------------------------------------
+
+
+async def test_the_worker_host_runs_service_tasks_and_leaves_schedules_to_the_pool(
+    stack: dict[str, str], clock: ManualClock
+) -> None:
+    from tenfold.tasks import mount as tasks_mount
+
+    links = Links("worker")
+    runtime = Runtime.from_settings(make_settings(**stack, services=["tasks"]), clock)
+
+    def mount_all(rt: Runtime) -> list[Mount]:  # what load_mounts does with a service
+        declare(rt, links)
+        return [tasks_mount(rt)]
+
+    async with run_mounted(runtime, mount_all, schedules=False) as registry:
+        assert registry.running
+        assert await get_schedule(runtime.engine, "links.recheck") is not None
+        task_id = await registry["links.recheck"].submit({"batch": 5})
+        client = TaskClient(service_for(runtime))
+        assert await client.result(task_id, wait=15) == "worker"
+        assert links.checked == [5]
+        workers = await service_for(runtime).workers()
+        assert [w["pool_id"] for w in workers] == [SERVICE_POOL]  # one, not the mount's too
+    assert not registry.running
+
+
+def test_the_worker_runs_service_tasks_unless_told_not_to() -> None:
+    from tenfold.tasks.supervisor import WorkerOptions
+
+    assert WorkerOptions.build("tests.tasks.apps.naps:registry").service_tasks is True
+    off = WorkerOptions.build("tests.tasks.apps.naps:registry", service_tasks=False)
+    assert WorkerOptions.from_json(off.to_json()) == off
 
 
 async def test_a_server_with_no_service_tasks_runs_no_extra_worker(

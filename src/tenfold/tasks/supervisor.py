@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
@@ -77,6 +77,7 @@ class WorkerOptions:
     grace_seconds: float = 30.0
     pool_id: str = "default"
     schedules: bool = True  # fire cron schedules in this supervisor
+    service_tasks: bool = True  # also run tenfold's own services' tasks (in this supervisor)
     scale_check_seconds: float = 5.0
     scale_cooldown_seconds: float = 30.0
     scale_wait_seconds: float = 5.0
@@ -98,6 +99,7 @@ class WorkerOptions:
         grace_seconds: float = 30.0,
         pool_id: str = "default",
         schedules: bool = True,
+        service_tasks: bool = True,
         scale_check_seconds: float = 5.0,
         scale_cooldown_seconds: float = 30.0,
         scale_wait_seconds: float = 5.0,
@@ -157,6 +159,7 @@ class WorkerOptions:
             grace_seconds=grace_seconds,
             pool_id=pool_id,
             schedules=schedules,
+            service_tasks=service_tasks,
             scale_check_seconds=scale_check_seconds,
             scale_cooldown_seconds=scale_cooldown_seconds,
             scale_wait_seconds=scale_wait_seconds,
@@ -809,21 +812,42 @@ def serve(options: WorkerOptions, settings: Settings) -> NoReturn:
         describe(options, registry, settings.database_url), highlight=False, soft_wrap=True
     )
     if options.pool == "process":
-        code = asyncio.run(Supervisor(options, settings.database_url).run())
+        main = Supervisor(options, settings.database_url).run()
     else:
-        code = asyncio.run(
-            _run_worker_process(
-                options,
-                settings.database_url,
-                concurrency=options.concurrency,
-                prefetch=options.prefetch,
-                hard_exit=None,
-                housekeeping=True,
-                drain_seconds=_child_drain_seconds(options.grace_seconds),
-                watch_parent=False,
-            )
+        main = _run_worker_process(
+            options,
+            settings.database_url,
+            concurrency=options.concurrency,
+            prefetch=options.prefetch,
+            hard_exit=None,
+            housekeeping=True,
+            drain_seconds=_child_drain_seconds(options.grace_seconds),
+            watch_parent=False,
         )
-    _exit_now(code)
+    _exit_now(asyncio.run(_with_service_tasks(options, settings, main)))
+
+
+async def _with_service_tasks(
+    options: WorkerOptions, settings: Settings, main: Coroutine[Any, Any, int]
+) -> int:
+    """Run `main` (the pool) and, beside it in this process, tenfold's own services' tasks.
+    Schedules are left to the pool's housekeeping (`--schedules`). If the services cannot be
+    mounted here, the pool runs anyway and the error is logged."""
+    if not options.service_tasks:
+        return await main
+    from tenfold.tasks.service_tasks import hosted
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(hosted(settings, schedules=False))
+        except Exception as exc:
+            log.error(
+                "tasks.service_tasks_unavailable",
+                error=f"{type(exc).__name__}: {exc}",
+                hint="this worker runs --app's tasks only; see --no-service-tasks",
+            )
+        code = await main
+    return code
 
 
 def _main(argv: Sequence[str]) -> None:
