@@ -1,0 +1,499 @@
+"""Click analytics, off the redirect's hot path.
+
+The redirect calls `ClickRecorder.record(...)`: a tuple appended to a bounded deque, nothing
+else. When `capacity` clicks are already waiting the click is counted as dropped and the
+redirect answers anyway. `flush()` (run periodically, and at shutdown) takes the waiting clicks
+in batches, enriches them and writes them to the analytics store in one transaction:
+
+- device, OS and browser from `ua-parser` (cached per user-agent string); a desktop browser,
+  for which ua-parser names no device, is reported as device "Desktop";
+- bots: ua-parser's device family "Spider", an empty user agent, or one of `BOT_TOKENS`
+  (link-preview fetchers and HTTP libraries). Bots are stored but left out of every count
+  unless asked for (`include_bots=True`); `bot_clicks` always reports them;
+- country and city from a MaxMind-format database when one is configured;
+- the referrer's host ("" = direct);
+- a visitor id, HMAC(salt_key, day|ip|user agent) cut to 64 bits: salted per UTC day, so a
+  visitor cannot be followed across days, and the raw IP is never stored.
+
+Unique clicks: a visitor counts once per link per UTC day. The count for a range of days is
+the sum of the daily uniques (the same person on Monday and Tuesday is two unique clicks);
+an hour's uniques are the visitors whose first click of that day fell in that hour, so hours
+add up to days and days to weeks.
+
+Roll-ups keep queries fast whatever a link's volume: each flush adds its batch into
+`analytics_link_hours` (clicks and uniques per hour) and `analytics_link_facets` (clicks per
+day per country, city, device, OS, browser and referrer), touching only the rows of the
+batch, never re-reading raw clicks. "Seen today?" is answered by `analytics_link_visitors`,
+which keeps only today's and yesterday's visitor ids. Raw clicks go to
+`analytics_link_clicks` for ad-hoc queries.
+
+If the store is down, a failed batch goes back to the buffer (within `capacity`, counted as
+dropped beyond it) and `flush()` raises; the transaction means nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from datetime import date, datetime, timedelta
+from functools import lru_cache
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tenfold.kernel.analytics import AnalyticsStore, EventTable
+from tenfold.kernel.clock import Clock
+from tenfold.kernel.errors import FieldError
+from tenfold.kernel.telemetry import REGISTRY, HotCounter
+
+log = structlog.get_logger(__name__)
+
+Granularity = Literal["hour", "day", "week"]
+RawClick = tuple[int, str, str, str, str, str]  # at_ms, domain, code, ip, user agent, referrer
+ClickRow = tuple[str, str, datetime, int, bool, str, str, str, str, str, str]
+"""One enriched click, in the column order of `CLICKS`."""
+
+CLICKS = EventTable(
+    "analytics_link_clicks",
+    (
+        ("domain", "string"),
+        ("code", "string"),
+        ("clicked_at", "timestamp"),
+        ("visitor", "int"),
+        ("bot", "bool"),
+        ("country", "string"),
+        ("city", "string"),
+        ("device", "string"),
+        ("os", "string"),
+        ("browser", "string"),
+        ("referrer", "string"),
+    ),
+    key=("domain", "code", "clicked_at"),
+)
+HOURS = EventTable(
+    "analytics_link_hours",
+    (
+        ("domain", "string"),
+        ("code", "string"),
+        ("hour", "timestamp"),
+        ("bot", "bool"),
+        ("clicks", "int"),
+        ("uniques", "int"),
+    ),
+    key=("domain", "code", "hour", "bot"),
+    primary=True,
+    sums=("clicks", "uniques"),
+)
+FACETS = EventTable(
+    "analytics_link_facets",
+    (
+        ("domain", "string"),
+        ("code", "string"),
+        ("day", "date"),
+        ("bot", "bool"),
+        ("facet", "string"),
+        ("value", "string"),
+        ("clicks", "int"),
+    ),
+    key=("domain", "code", "day", "bot", "facet", "value"),
+    primary=True,
+    sums=("clicks",),
+)
+VISITORS = EventTable(
+    "analytics_link_visitors",
+    (("domain", "string"), ("code", "string"), ("day", "date"), ("visitor", "int")),
+    key=("domain", "code", "day", "visitor"),
+    primary=True,
+)
+TABLES = (CLICKS, HOURS, FACETS, VISITORS)
+
+# Substrings (lower case) of user agents that are not people: preview fetchers of chat and
+# social apps, and HTTP libraries. ua-parser already flags most crawlers as device "Spider".
+BOT_TOKENS = (
+    "slackbot",
+    "twitterbot",
+    "facebookexternalhit",
+    "facebot",
+    "linkedinbot",
+    "discordbot",
+    "telegrambot",
+    "whatsapp",
+    "skypeuripreview",
+    "embedly",
+    "pinterestbot",
+    "redditbot",
+    "applebot",
+    "googlebot",
+    "bingbot",
+    "headlesschrome",
+    "curl/",
+    "wget/",
+    "python-requests",
+    "python-urllib",
+    "aiohttp",
+    "httpx",
+    "go-http-client",
+    "okhttp",
+    "java/",
+    "libwww-perl",
+)
+_DESKTOP_OS = frozenset({"Windows", "Mac OS X", "Linux", "Ubuntu", "Fedora", "Chrome OS"})
+# (facet name in the table, report section, key inside it, position in ClickRow)
+_FACETS = (
+    ("country", "geographic_distribution", "countries", 5),
+    ("city", "geographic_distribution", "cities", 6),
+    ("device", "device_breakdown", "devices", 7),
+    ("os", "device_breakdown", "os", 8),
+    ("browser", "device_breakdown", "browsers", 9),
+    ("referrer", "referrer_stats", "", 10),
+)
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_DAY = date(1970, 1, 1)
+_DAY_MS = 86_400_000
+_HOUR_MS = 3_600_000
+
+CLICK_EVENTS = HotCounter(
+    "tenfold_shortener_clicks_total",
+    "Clicks by outcome: recorded (buffered), dropped (buffer full), written (to analytics).",
+    ("outcome",),
+    registry=REGISTRY,
+)
+_RECORDED = CLICK_EVENTS.labels("recorded")
+_DROPPED = CLICK_EVENTS.labels("dropped")
+_WRITTEN = CLICK_EVENTS.labels("written")
+FLUSH_FAILURES = HotCounter(
+    "tenfold_shortener_click_flush_failures_total",
+    "Click batches the analytics store did not take (kept for the next flush).",
+    (),
+    registry=REGISTRY,
+)
+_recorders: weakref.WeakSet[ClickRecorder] = weakref.WeakSet()
+
+
+class _BufferedClicks(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "tenfold_shortener_clicks_buffered",
+            "Clicks waiting in memory for the analytics store.",
+            value=sum(r.buffered for r in list(_recorders)),
+        )
+
+
+REGISTRY.register(_BufferedClicks())
+
+
+@lru_cache(maxsize=8192)
+def classify(user_agent: str) -> tuple[str, str, str, bool]:
+    """user agent -> (device, os, browser, is_bot)."""
+    import ua_parser
+
+    lowered = user_agent.lower()
+    parsed = ua_parser.parse(user_agent) if user_agent else None
+    device = (parsed.device.family if parsed and parsed.device else None) or "Other"
+    os_name = (parsed.os.family if parsed and parsed.os else None) or "Other"
+    browser = (parsed.user_agent.family if parsed and parsed.user_agent else None) or "Other"
+    bot = not user_agent or device == "Spider" or any(t in lowered for t in BOT_TOKENS)
+    if bot:
+        device = "Bot"
+    elif device == "Other" and os_name in _DESKTOP_OS:
+        device = "Desktop"
+    return device, os_name, browser, bot
+
+
+@lru_cache(maxsize=8192)
+def referrer_host(referrer: str) -> str:
+    if not referrer:
+        return ""
+    try:
+        host = urlsplit(referrer if "//" in referrer else "//" + referrer).hostname
+    except ValueError:
+        return ""
+    return (host or "")[:255]
+
+
+def geoip_locator(path: str) -> Callable[[str], tuple[str, str]] | None:
+    """ip -> (ISO country, "City, CC") from a MaxMind-format database, when one is configured."""
+    if not path:
+        return None
+    import maxminddb
+
+    reader = maxminddb.open_database(path)
+
+    def locate(ip: str) -> tuple[str, str]:
+        try:
+            found = reader.get(ip)
+        except ValueError:
+            return "", ""
+        if not isinstance(found, dict):
+            return "", ""
+        entry = found.get("country") or found.get("registered_country") or {}
+        country = str(entry.get("iso_code", ""))[:2] if isinstance(entry, dict) else ""
+        city_entry = found.get("city")
+        names = city_entry.get("names") if isinstance(city_entry, dict) else None
+        city = str(names.get("en", "")) if isinstance(names, dict) else ""
+        if city and country:
+            city = f"{city}, {country}"
+        return country, city
+
+    return locate
+
+
+class ClickRecorder:
+    """Buffers clicks in memory and writes them, enriched and rolled up, in batches."""
+
+    def __init__(
+        self,
+        store: AnalyticsStore,
+        *,
+        clock: Clock,
+        salt_key: bytes,
+        capacity: int = 100_000,
+        batch: int = 5_000,
+        geoip_db: str = "",
+        count_bots: bool = False,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.capacity = capacity
+        self.batch = batch
+        self.count_bots = count_bots  # the default of report(include_bots=...)
+        self._salt_key = salt_key
+        self._locate = geoip_locator(geoip_db)
+        self._buffer: deque[RawClick] = deque()
+        self._dropped = 0
+        self._flush_lock = asyncio.Lock()
+        self._pruned_day: date | None = None
+        _recorders.add(self)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def record(
+        self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
+    ) -> bool:
+        """Queue one click; False (and counted as dropped) when the buffer is full."""
+        buffer = self._buffer
+        if len(buffer) >= self.capacity:
+            self._dropped += 1
+            _DROPPED.value += 1
+            return False
+        buffer.append((at_ms, domain, code, ip, user_agent, referrer))
+        _RECORDED.value += 1
+        return True
+
+    async def start(self) -> None:
+        await self.store.ensure(TABLES)
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Flush every `interval` seconds until cancelled; failures are logged and retried."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.warning("clicks_flush_failed", error=str(exc), buffered=self.buffered)
+
+    async def flush(self) -> int:
+        """Write what is waiting now, `batch` clicks at a time; returns clicks written."""
+        written = 0
+        async with self._flush_lock:
+            remaining = len(self._buffer)
+            while remaining > 0 and self._buffer:
+                raw = [self._buffer.popleft() for _ in range(min(self.batch, len(self._buffer)))]
+                remaining -= len(raw)
+                try:
+                    rows = await asyncio.to_thread(self.enrich, raw)
+                    await self.write(rows)
+                except BaseException:
+                    self._put_back(raw)
+                    FLUSH_FAILURES.inc()
+                    raise
+                written += len(raw)
+                _WRITTEN.inc(len(raw))
+            await self._prune_visitors()
+        return written
+
+    def _put_back(self, raw: list[RawClick]) -> None:
+        room = max(0, self.capacity - len(self._buffer))
+        keep = raw[len(raw) - room :] if room < len(raw) else raw
+        lost = len(raw) - len(keep)
+        self._buffer.extendleft(reversed(keep))
+        self._dropped += lost
+        _DROPPED.inc(lost)
+
+    def enrich(self, raw: Sequence[RawClick]) -> list[ClickRow]:
+        """Raw clicks -> rows of `CLICKS` (CPU work: run it off the event loop)."""
+        key = self._salt_key
+        locate = self._locate
+        rows: list[ClickRow] = []
+        for at_ms, domain, code, ip, user_agent, referrer in raw:
+            device, os_name, browser, bot = classify(user_agent)
+            day = at_ms // _DAY_MS
+            digest = hmac.digest(key, f"{day}|{ip}|{user_agent}".encode(), "sha256")
+            visitor = int.from_bytes(digest[:8], "big", signed=True)
+            country, city = locate(ip) if locate else ("", "")
+            at = _EPOCH + timedelta(milliseconds=at_ms)
+            rows.append(
+                (
+                    domain,
+                    code,
+                    at,
+                    visitor,
+                    bot,
+                    country,
+                    city,
+                    device,
+                    os_name,
+                    browser,
+                    referrer_host(referrer),
+                )
+            )
+        return rows
+
+    async def write(self, rows: Sequence[ClickRow]) -> None:
+        """Store enriched clicks and add them into the roll-ups, all or nothing."""
+        if not rows:
+            return
+        seen = [(r[0], r[1], r[2].date(), r[3]) for r in rows]
+        async with self.store.transaction() as tx:
+            first = set(await tx.insert_missing(VISITORS, seen))
+            hours: dict[tuple[str, str, datetime, bool], list[int]] = {}
+            facets: Counter[tuple[str, str, date, bool, str, str]] = Counter()
+            for row, visit in zip(rows, seen, strict=True):
+                domain, code, at, _, bot = row[:5]
+                hour = at.replace(minute=0, second=0, microsecond=0)
+                tally = hours.setdefault((domain, code, hour, bot), [0, 0])
+                tally[0] += 1
+                if visit in first:
+                    first.discard(visit)  # the visitor's first click of the day
+                    tally[1] += 1
+                day = visit[2]
+                for name, _, _, index in _FACETS:
+                    facets[(domain, code, day, bot, name, row[index])] += 1  # type: ignore[index]
+            await tx.insert(CLICKS, rows)
+            await tx.upsert(HOURS, [(*k, c, u) for k, (c, u) in hours.items()])
+            await tx.upsert(FACETS, [(*k, n) for k, n in facets.items()])
+
+    async def _prune_visitors(self) -> None:
+        """Visitor ids older than yesterday can no longer matter: drop them once a day."""
+        today = _EPOCH_DAY + timedelta(days=self.clock.now_ms() // _DAY_MS)
+        if self._pruned_day == today:
+            return
+        await self.store.execute(
+            "DELETE FROM analytics_link_visitors WHERE day < :before",
+            {"before": today - timedelta(days=1)},
+        )
+        self._pruned_day = today
+
+    async def report(
+        self,
+        domain: str,
+        code: str,
+        *,
+        start: date | None,
+        end: date | None,
+        granularity: Granularity = "day",
+        include_bots: bool = False,
+    ) -> dict[str, Any]:
+        """The analytics of one link over UTC days `start`..`end` (inclusive; None: open)."""
+        if granularity not in ("hour", "day", "week"):
+            raise FieldError("granularity", "must be hour, day or week")
+        if start and end and end < start:
+            raise FieldError("end", "must not be before start")
+        include_bots = include_bots or self.count_bots
+        params: dict[str, Any] = {"domain": domain, "code": code}
+        by_hour = by_day = "domain = :domain AND code = :code"
+        if start:
+            params["start_day"] = start
+            params["start_at"] = datetime(start.year, start.month, start.day)
+            by_hour += " AND hour >= :start_at"
+            by_day += " AND day >= :start_day"
+        if end:
+            params["end_day"] = end
+            params["end_at"] = datetime(end.year, end.month, end.day) + timedelta(days=1)
+            by_hour += " AND hour < :end_at"
+            by_day += " AND day <= :end_day"
+        timeline_rows = await self.store.fetch(
+            f"SELECT date_trunc('{granularity}', hour) AS period, bot,"  # noqa: S608
+            " CAST(sum(clicks) AS BIGINT), CAST(sum(uniques) AS BIGINT)"
+            f" FROM analytics_link_hours WHERE {by_hour} GROUP BY period, bot ORDER BY period",
+            params,
+        )
+        facet_rows = await self.store.fetch(
+            "SELECT facet, value, bot, CAST(sum(clicks) AS BIGINT)"  # noqa: S608
+            f" FROM analytics_link_facets WHERE {by_day} GROUP BY facet, value, bot",
+            {k: v for k, v in params.items() if not k.endswith("_at")},
+        )
+        total = uniques = bots = 0
+        timeline: dict[str, list[int]] = {}
+        for period, bot, clicks, unique in timeline_rows:
+            if bot:
+                bots += int(clicks)
+                if not include_bots:
+                    continue
+            total += int(clicks)
+            uniques += int(unique)
+            slot = timeline.setdefault(_period(period, granularity), [0, 0])
+            slot[0] += int(clicks)
+            slot[1] += int(unique)
+        sections: dict[str, dict[str, Counter[str]]] = {
+            "geographic_distribution": {"countries": Counter(), "cities": Counter()},
+            "device_breakdown": {"devices": Counter(), "os": Counter(), "browsers": Counter()},
+            "referrer_stats": {"": Counter()},
+        }
+        where = {name: (section, key) for name, section, key, _ in _FACETS}
+        for facet, value, bot, clicks in facet_rows:
+            if (bot and not include_bots) or facet not in where:
+                continue
+            section, key = where[facet]
+            label = value or ("direct" if facet == "referrer" else "unknown")
+            sections[section][key][label] += int(clicks)
+        return {
+            "domain": domain,
+            "short_code": code,
+            "start": start.isoformat() if start else None,
+            "end": end.isoformat() if end else None,
+            "granularity": granularity,
+            "total_clicks": total,
+            "unique_clicks": uniques,
+            "bot_clicks": bots,
+            "click_timeline": [
+                {"period": period, "clicks": c, "unique_clicks": u}
+                for period, (c, u) in timeline.items()
+            ],
+            "geographic_distribution": {
+                k: dict(v.most_common()) for k, v in sections["geographic_distribution"].items()
+            },
+            "device_breakdown": {
+                k: dict(v.most_common()) for k, v in sections["device_breakdown"].items()
+            },
+            "referrer_stats": dict(sections["referrer_stats"][""].most_common()),
+        }
+
+    async def forget(self, domain: str, code: str) -> None:
+        """A deleted link's analytics go too, including clicks still waiting in memory."""
+        async with self._flush_lock:
+            self._buffer = deque(c for c in self._buffer if c[1] != domain or c[2] != code)
+            async with self.store.transaction() as tx:
+                for table in TABLES:
+                    await tx.execute(
+                        f"DELETE FROM {table.name} WHERE domain = :domain AND code = :code",  # noqa: S608
+                        {"domain": domain, "code": code},
+                    )
+
+
+def _period(value: Any, granularity: Granularity) -> str:
+    if granularity == "hour":
+        return f"{value.isoformat(timespec='seconds')}Z"
+    return (value.date() if isinstance(value, datetime) else value).isoformat()
