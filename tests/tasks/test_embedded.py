@@ -15,6 +15,7 @@ async def test_serve_runs_tasks_of_the_configured_app(
     settings = make_settings(
         data_dir=str(tmp_path),
         database_url=sqlite_template.clone(tmp_path / "db.sqlite"),
+        services=["tasks"],  # no other service's built-in workers in the list below
         tasks_app="tests.tasks.apps.naps:registry",
         tasks_concurrency=2,
     )

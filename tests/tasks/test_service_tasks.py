@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from tenfold.tasks import SERVICE_QUEUE, ServiceTasks, TaskClient, service_tasks
 from tenfold.tasks.api import service_for
 from tenfold.tasks.registry import TaskDef
 from tenfold.tasks.schedules import ScheduleError, Scheduler, get_schedule
-from tenfold.tasks.service_tasks import SERVICE_POOL, run_mounted
+from tenfold.tasks.service_tasks import SERVICE_POOL, run_mounted, service_worker_enabled
 from tenfold.tasks.tables import task_schedules, tasks
 from tests.conftest import make_settings, serve_app
 
@@ -244,9 +245,18 @@ async def test_a_server_with_no_service_tasks_runs_no_extra_worker(
     tmp_path: Any, sqlite_template: Any
 ) -> None:
     settings = make_settings(
-        data_dir=str(tmp_path), database_url=sqlite_template.clone(tmp_path / "db.sqlite")
+        data_dir=str(tmp_path),
+        database_url=sqlite_template.clone(tmp_path / "db.sqlite"),
+        services=["tasks"],
     )
     async with serve_app(settings) as (app, _):
         runtime = app.state.runtime
         assert not service_tasks(runtime).running
         assert await service_for(runtime).workers() == []
+
+
+def test_a_setting_can_turn_the_servers_built_in_worker_off() -> None:
+    # TENFOLD_TASKS_SERVICE_WORKER (default true); read with a default until Settings has it.
+    assert service_worker_enabled(SimpleNamespace()) is True  # type: ignore[arg-type]
+    off = SimpleNamespace(tasks_service_worker=False)
+    assert service_worker_enabled(off) is False  # type: ignore[arg-type]
