@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
@@ -378,6 +379,39 @@ class RawHeaders:
         return None
 
 
+# --- the client's address ------------------------------------------------------------------
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(i, strict=False) for i in items)
+
+
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
+    """The peer address; through trusted proxies, the right-most untrusted X-Forwarded-For hop."""
+    client = scope.get("client")
+    peer: str | None = str(client[0]) if client else None
+    if peer is None or not trusted or not _trusted(peer, trusted):
+        return peer
+    forwarded = RawHeaders(scope).get("x-forwarded-for")
+    if not forwarded:
+        return peer
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
 LeanResult = tuple[int, bytes, list[tuple[bytes, bytes]]]
 LeanFunction = Callable[[Scope, bytes], Awaitable[LeanResult]]
 
@@ -387,11 +421,16 @@ class LeanRoute:
     """A hot path served ahead of the framework: `fn(scope, body)` -> (status, JSON, headers).
 
     The same route is declared to FastAPI for the OpenAPI document; this one answers first.
+    A handler answering something other than JSON puts its own `content-type` header first.
+    `when(scope)`, if given, decides whether a request that fits the path is this route's (a
+    short link on a branded host, say); `public` routes are open to anyone, like redirects.
     """
 
     method: str
     path: str
     fn: LeanFunction
+    when: Callable[[Scope], bool] | None = None
+    public: bool = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await serve_lean(self, scope, receive, send, (), scope.get("state", {}).get("request_id"))
@@ -464,6 +503,9 @@ async def serve_lean(
             payload = b"".join(chunks)
         status, payload, headers = await route.fn(scope, payload)
         content_type = b"application/json"
+        if headers and headers[0][0] == b"content-type":
+            content_type = headers[0][1]
+            headers = headers[1:]
     except Problem as exc:
         failure = exc
     except FieldError as exc:
@@ -537,7 +579,7 @@ class FastLane:
         for m, head, tail, name, route in self.templates:
             if m == method and path.startswith(head) and path.endswith(tail):
                 value = path[len(head) : len(path) - len(tail)]
-                if value and "/" not in value:
+                if value and "/" not in value and (route.when is None or route.when(scope)):
                     scope["path_params"] = {name: value}
                     return route
         return None

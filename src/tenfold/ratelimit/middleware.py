@@ -4,7 +4,6 @@ limited response. Also the guard in front of tenfold's own API."""
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -14,7 +13,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenfold.kernel.auth import key_from_headers
 from tenfold.kernel.errors import BackendUnavailable
-from tenfold.kernel.http import PROBLEM_CONTENT_TYPE, Gate, GateVerdict, Problem, RawHeaders
+from tenfold.kernel.http import (
+    PROBLEM_CONTENT_TYPE,
+    Gate,
+    GateVerdict,
+    Problem,
+    RawHeaders,
+    client_ip,
+    parse_networks,
+)
 from tenfold.kernel.runtime import Mount, Runtime
 from tenfold.ratelimit.algorithms import Algorithm, Decision, Limit
 from tenfold.ratelimit.limiter import RateLimiter
@@ -130,37 +137,6 @@ class RateLimitMiddleware:
         return cls(app, decide, legacy_headers=legacy_headers)
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(i, strict=False) for i in items)
-
-
-def _trusted(address: str, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
-
-
-def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
-    """The peer address; through trusted proxies, the right-most untrusted X-Forwarded-For hop."""
-    client = scope.get("client")
-    peer: str | None = str(client[0]) if client else None
-    if peer is None or not trusted or not _trusted(peer, trusted):
-        return peer
-    forwarded = RawHeaders(scope).get("x-forwarded-for")
-    if not forwarded:
-        return peer
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
 def guard(
     runtime: Runtime, public_paths: Callable[[], set[str]]
 ) -> tuple[Callable[[ASGIApp], ASGIApp], Gate]:
@@ -184,6 +160,8 @@ def guard(
     async def decide(scope: Scope) -> Verdict | None:
         path: str = scope["path"]
         if not limit_public:
+            if getattr(scope.get("route"), "public", False):
+                return None  # a public lean route (a short link on a branded host)
             public = cache.get("paths")
             if public is None:
                 public = cache["paths"] = public_paths()
