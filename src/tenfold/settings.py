@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     # Task queue: `tenfold serve` also runs these tasks in-process (empty: no embedded worker).
     tasks_app: str = ""  # module:registry
     tasks_concurrency: int = Field(default=4, ge=1, le=256)
+    tasks_service_worker: bool = True  # run tenfold's own services' tasks and schedules here
 
     # Sessions (see docs/sessions.md). Per-type policies override the defaults field by field:
     # {"web": {"idle_timeout": 900, "max_sessions": 3, "on_limit": "deny"}}.

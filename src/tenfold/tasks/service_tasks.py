@@ -247,7 +247,7 @@ def service_tasks(runtime: Runtime) -> ServiceTasks:
 
 def service_worker_enabled(settings: Settings) -> bool:
     """Whether `tenfold serve` runs the service tasks itself (TENFOLD_TASKS_SERVICE_WORKER)."""
-    return bool(getattr(settings, "tasks_service_worker", True))
+    return settings.tasks_service_worker
 
 
 @contextlib.asynccontextmanager
