@@ -110,6 +110,26 @@ class Settings(BaseSettings):
     sessions_risk_fingerprint: Literal["allow", "step_up_required", "revoke"] = "revoke"
     geoip_db: str = ""  # a MaxMind-format (.mmdb) database: countries for risk and analytics
 
+    # URL shortener (see docs/shortener.md).
+    shortener_code_length: int = Field(default=7, ge=5, le=10)
+    shortener_base_url: str = ""  # the default domain's origin; empty: the request's own
+    shortener_hosts: Csv = Field(default_factory=list)  # hosts serving GET /{code}
+    shortener_anonymous: bool = False  # let calls without an API key create links
+    shortener_blocklist: Csv = Field(default_factory=list)  # domains, or globs over the URL
+    shortener_blocklist_cron: str = "17 * * * *"  # when every link is checked again
+    shortener_plans: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    shortener_cache_size: int = Field(default=100_000, ge=0)
+    shortener_retention_days: int = Field(default=1_826, ge=0)  # 5 years; 0 keeps links forever
+    shortener_analytics: bool = True  # record clicks
+    shortener_click_buffer: int = Field(default=100_000, ge=100)  # clicks waiting, at most
+    shortener_count_bots: bool = False  # count bot clicks in totals
+    shortener_domain_verify_url: str = (
+        "https://{domain}/.well-known/tenfold-domain-verification"  # must answer the token
+    )
+
+    # Analytics store: empty = DuckDB in data_dir embedded, the SQL database at scale.
+    analytics_url: str = ""
+
     # The master key sealing the data keys of tenfold.kernel.crypto (urlsafe base64, 32 bytes).
     # Unset: embedded mode keeps one in <data dir>/secret.key; scale-out requires it.
     secret_key: SecretStr | None = None
@@ -126,7 +146,13 @@ class Settings(BaseSettings):
         toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
         return (init_settings, env_settings, toml)
 
-    @field_validator("services", "ratelimit_trusted_proxies", mode="before")
+    @field_validator(
+        "services",
+        "ratelimit_trusted_proxies",
+        "shortener_hosts",
+        "shortener_blocklist",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -268,6 +268,7 @@ class ClickRecorder:
         self._buffer: deque[RawClick] = deque()
         self._dropped = 0
         self._flush_lock = asyncio.Lock()
+        self._started = False
         self._pruned_day: date | None = None
         _recorders.add(self)
 
@@ -293,21 +294,16 @@ class ClickRecorder:
         return True
 
     async def start(self) -> None:
+        """Create the tables if missing (a flush does it too, once the store answers)."""
         await self.store.ensure(TABLES)
-
-    async def run(self, interval: float = 1.0) -> None:
-        """Flush every `interval` seconds until cancelled; failures are logged and retried."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush()
-            except Exception as exc:
-                log.warning("clicks_flush_failed", error=str(exc), buffered=self.buffered)
+        self._started = True
 
     async def flush(self) -> int:
         """Write what is waiting now, `batch` clicks at a time; returns clicks written."""
         written = 0
         async with self._flush_lock:
+            if not self._started:
+                await self.start()
             remaining = len(self._buffer)
             while remaining > 0 and self._buffer:
                 raw = [self._buffer.popleft() for _ in range(min(self.batch, len(self._buffer)))]
