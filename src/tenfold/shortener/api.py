@@ -9,14 +9,21 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import orjson
 import structlog
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, Security
 from fastapi.responses import RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from tenfold.kernel.auth import Principal, authenticate, key_from_headers, require
+from tenfold.kernel.auth import (
+    API_KEY_HEADER,
+    BEARER,
+    Principal,
+    authenticate,
+    key_from_headers,
+    require,
+)
 from tenfold.kernel.crypto import master_key
 from tenfold.kernel.errors import BackendUnavailable
 from tenfold.kernel.http import (
@@ -51,11 +58,13 @@ from tenfold.shortener.service import (
     ShortenerService,
 )
 from tenfold.shortener.stores.sql import SqlLinkStore
+from tenfold.shortener.verification import txt_name, txt_value, verifier_from
 
 log = structlog.get_logger(__name__)
 
 REDIRECT_PATH = "/r/{short_code}"
 BRANDED_PATH = "/{short_code}"
+QR_PATH = "/r/{short_code}/qr"
 FLUSH_SECONDS = 1.0
 DOMAINS_RELOAD_SECONDS = 10.0
 ANONYMOUS = "anonymous"
@@ -182,6 +191,24 @@ class DomainIn(BaseModel):
     domain: str = Field(max_length=253)
 
 
+class HttpProof(BaseModel):
+    url: str = Field(description="GET here must answer 200 with `body`")
+    body: str
+
+
+class DnsProof(BaseModel):
+    name: str
+    type: Literal["TXT"] = "TXT"
+    value: str
+
+
+class Verification(BaseModel):
+    """What to publish, for each configured method; any one of them verifies the domain."""
+
+    http: HttpProof | None = None
+    dns: DnsProof | None = None
+
+
 class DomainOut(BaseModel):
     domain: str
     verified: bool
@@ -189,6 +216,7 @@ class DomainOut(BaseModel):
     created_at: datetime
     verification_url: str | None = None
     verification_token: str | None = None
+    verification: Verification | None = None
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -392,15 +420,18 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
     origins = Origins(service.config)
     config = service.config
 
-    async def creator(request: Request) -> Principal | None:
+    async def creator(
+        request: Request,
+        _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+        _header: Annotated[str | None, Security(API_KEY_HEADER)],
+    ) -> Principal | None:
+        """shortener:write, or no key at all where anonymous creation is turned on."""
         if key_from_headers(request.headers) is None and config.anonymous:
             return None
         return await authenticate(request.scope, request.headers, runtime.keys, "shortener:write")
 
-    async def writer_dep(request: Request) -> Principal:
-        return await authenticate(request.scope, request.headers, runtime.keys, "shortener:write")
-
-    writer = Depends(writer_dep)
+    creator.required_scope = "shortener:write"  # type: ignore[attr-defined]
+    writer = require("shortener:write")
     maybe_writer = Depends(creator)
 
     def owner_of(principal: Principal | None) -> str:
@@ -451,6 +482,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         "/api/v1/urls/bulk",
         response_model=BulkOut,
         summary=f"Shorten up to {MAX_BULK} URLs; a status per item",
+        responses={403: {"description": "not a shortener account's key"}},
     )
     async def bulk(body: BulkIn, request: Request, principal: Principal = writer) -> BulkOut:
         if len(body.urls) > MAX_BULK:
@@ -668,7 +700,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         return RedirectResponse(link.long_url, status_code=303)
 
     @router.get(
-        "/r/{short_code}/qr",
+        QR_PATH,
         summary="The short link as a QR code (SVG or PNG)",
         response_class=Response,
         responses={200: {"content": {"image/svg+xml": {}, "image/png": {}}}},
@@ -723,6 +755,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         status_code=201,
         response_model=AccountOut,
         summary="Create a shortener account and its API key (shown once)",
+        responses={409: {"description": "an account with this email exists"}},
     )
     async def create_account(body: AccountIn, _: Principal = admin) -> AccountOut:
         async def make_key(name: str, owner: str) -> tuple[str, str]:
@@ -754,17 +787,33 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
 
     # --- branded domains -------------------------------------------------------------------
 
+    methods = verify_methods(runtime.settings)
+
+    def verify_url(domain: str) -> str | None:
+        if "http" not in methods:
+            return None
+        return str(runtime.settings.shortener_domain_verify_url.format(domain=domain))
+
     def domain_out(row: dict[str, Any], show_token: bool) -> DomainOut:
         verified = row["verified_at_ms"] is not None
+        domain, token = row["domain"], row["token"]
+        url = None if verified else verify_url(domain)
+        proof = None
+        if show_token and not verified:
+            proof = Verification(
+                http=HttpProof(url=url, body=token) if url else None,
+                dns=DnsProof(name=txt_name(domain), value=txt_value(token))
+                if "dns" in methods
+                else None,
+            )
         return DomainOut(
-            domain=row["domain"],
+            domain=domain,
             verified=verified,
             verified_at=_when(row["verified_at_ms"]),
             created_at=_when(row["created_at_ms"]),
-            verification_url=None
-            if verified
-            else runtime.settings.shortener_domain_verify_url.format(domain=row["domain"]),
-            verification_token=row["token"] if show_token and not verified else None,
+            verification_url=url,
+            verification_token=token if show_token and not verified else None,
+            verification=proof,
         )
 
     @router.post(
@@ -772,6 +821,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         status_code=201,
         response_model=DomainOut,
         summary="Register a branded domain; serve the token at the verification URL, then verify",
+        responses={409: {"description": "the domain is registered already"}},
     )
     async def add_domain(body: DomainIn, principal: Principal = writer) -> DomainOut:
         try:
@@ -804,11 +854,14 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         except LookupError:
             raise NotFound("domain", domain) from None
         if not ok:
-            url = runtime.settings.shortener_domain_verify_url.format(domain=domain.lower())
+            where = [f"{url} (HTTP)"] if (url := verify_url(domain.lower())) else []
+            if "dns" in methods:
+                where.append(f"the TXT record {txt_name(domain.lower())}")
             raise Problem(
                 409,
                 "domain-not-verified",
-                f"{url} did not answer the verification token; publish it there and retry",
+                f"the verification token was not found at {' or '.join(where) or 'any method'}; "
+                "publish it there and retry",
             )
         row = await service.store.domain(domain.lower())
         assert row is not None
@@ -869,27 +922,19 @@ def config_from(settings: Any) -> ShortenerConfig:
     )
 
 
-def http_verifier(template: str, timeout: float = 5.0) -> Any:
-    """Ownership by a token served at a well-known URL of the domain."""
+def verify_methods(settings: Any) -> list[str]:
+    """The configured domain verification methods (`http`, `dns`), in order."""
+    methods = getattr(settings, "shortener_domain_verify_methods", ["http", "dns"])
+    return [m.strip().lower() for m in methods if m.strip()]
 
-    async def verify(domain: str, token: str) -> bool:
-        url = template.format(domain=domain)
-        try:
-            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        return False
-                    body = b""
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > 1_024:
-                            return False
-        except httpx.HTTPError as exc:
-            log.info("shortener.domain_verify_failed", domain=domain, error=str(exc))
-            return False
-        return body.decode("utf-8", "replace").strip() == token
 
-    return verify
+def verifier_for(settings: Any) -> Any:
+    """Branded-domain ownership by the configured methods; any one of them proves it."""
+    return verifier_from(
+        verify_methods(settings),
+        settings.shortener_domain_verify_url,
+        getattr(settings, "shortener_dns_nameservers", []) or None,
+    )
 
 
 def analytics_url(settings: Any) -> str:
@@ -930,7 +975,7 @@ def service_for(runtime: Runtime) -> ShortenerService:
         recorder=recorder_for(runtime),
         clock=runtime.clock,
         config=config_from(settings),
-        verifier=http_verifier(settings.shortener_domain_verify_url),
+        verifier=verifier_for(settings),
     )
     runtime.services["shortener"] = service
     return service
@@ -995,6 +1040,7 @@ def mount(runtime: Runtime) -> Mount:
         on_start=[on_start],
         on_stop=[on_stop],
         raw_body_prefixes=("/r/",),
+        public_paths=(REDIRECT_PATH, QR_PATH),
         lean_routes=[
             LeanRoute("GET", REDIRECT_PATH, lean, public=True),
             LeanRoute("GET", BRANDED_PATH, lean, when=on_short_host, public=True),
