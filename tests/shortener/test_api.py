@@ -77,6 +77,17 @@ async def test_codes_differ_and_do_not_follow_a_sequence(api: Api) -> None:
     assert sorted(codes) != codes  # not handed out in order
 
 
+async def test_a_generated_code_equal_to_an_alias_is_skipped(api: Api) -> None:
+    first = (await api.create("https://example.com/first"))["short_code"]
+    service = api.service
+    assert service.codes.code_of("", 0) == first  # a fresh database: the counter starts at 0
+    upcoming = service.codes.code_of("", 1)
+    await api.create("https://example.com/alias", custom_alias=upcoming)
+    made = await api.create("https://example.com/next")
+    assert made["short_code"] not in (first, upcoming)
+    assert (await api.visit(upcoming)).headers["location"] == "https://example.com/alias"
+
+
 async def test_unknown_codes_are_404_and_a_new_code_is_seen_at_once(api: Api) -> None:
     r = await api.visit("nosuch1")
     assert r.status_code == 404
@@ -367,6 +378,7 @@ async def test_branded_domains(
         services=["shortener"],
         shortener_analytics=False,
         shortener_domain_verify_url=base + "/{domain}/.well-known/tenfold-domain-verification",
+        shortener_domain_verify_methods=["http"],
     )
     async with serve_app(settings, clock) as (app, client):
         api = Api(client, admin_key_of(settings), app)
@@ -431,3 +443,26 @@ def _iso(seconds: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
+async def test_a_change_reaches_another_process_at_once(
+    stack: dict[str, Any], clock: ManualClock, admin_key_of: Any
+) -> None:
+    """Two processes on one database (and Redis at scale): B's cached copy goes when A edits."""
+    settings = make_settings(**stack, services=["shortener"], shortener_analytics=False)
+    async with serve_app(settings, clock) as (_, a), serve_app(settings, clock) as (_, b):
+        headers = {"Authorization": f"Bearer {admin_key_of(settings)}"}
+        code = (
+            await a.post("/api/v1/urls", json={"url": "https://example.com/1"}, headers=headers)
+        ).json()["short_code"]
+        assert (await b.get(f"/r/{code}")).status_code == 302  # B caches it
+        await a.put(f"/api/v1/urls/{code}", json={"is_active": False}, headers=headers)
+        if stack["redis_url"]:  # pub/sub: B drops its copy as soon as the message lands
+            for _ in range(200):
+                if (await b.get(f"/r/{code}")).status_code == 404:
+                    break
+                await asyncio.sleep(0.01)  # waiting for delivery, not standing in for it
+            assert (await b.get(f"/r/{code}")).status_code == 404
+        else:  # embedded, another process: its copy is trusted for a few seconds only
+            clock.advance(6)
+            assert (await b.get(f"/r/{code}")).status_code == 404

@@ -55,7 +55,7 @@ log = structlog.get_logger(__name__)
 
 INVALIDATE_CHANNEL = "shortener:invalidate"
 MAX_GROUP = 200  # creation requests sharing one transaction
-SPARES = 2  # spare codes per generated link (a generated code may equal someone's alias)
+CODE_ATTEMPTS = 3  # a generated code may equal someone's alias: the link gets another
 REDIS_TTL_SECONDS = 86_400.0
 _MISSING = object()
 
@@ -74,6 +74,7 @@ class Recorder(Protocol):
         self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
     ) -> bool: ...
     async def start(self) -> None: ...
+    async def close(self) -> None: ...
     async def flush(self) -> int: ...
     async def forget(self, domain: str, code: str) -> None: ...
     async def report(
@@ -264,14 +265,20 @@ class ShortenerService:
                 new.append((i, await self._prepare(item, owner, now, aliases_ok, owned_domains)))
             except (LinkError, PermissionError) as exc:
                 results[i] = exc
-        if new:
+        for _ in range(CODE_ATTEMPTS):
+            if not new:
+                break
             await self._assign_codes([n for _, n in new])
-            batch = Batch([n for _, n in new], account_id, month_of(now))
-            created = await self._submit(batch)
+            created = await self._submit(Batch([n for _, n in new], account_id, month_of(now)))
+            retry = []
             for (i, made), outcome in zip(new, created, strict=True):
-                if isinstance(outcome, LookupError) and made.is_custom:
+                if isinstance(outcome, LookupError):
+                    if not made.is_custom:  # a generated code equal to an alias: another code
+                        retry.append((i, made))
+                        continue
                     outcome = AliasTaken(made.domain, made.short_code)
                 results[i] = outcome
+            new = retry
         done = [r for r in results if isinstance(r, Link)]
         if done:
             await self._announce([(link.domain, link.short_code) for link in done])
@@ -332,7 +339,6 @@ class ShortenerService:
             redirect_status=status,
             max_visits=item.max_visits,
             password_hash=password,
-            spare_codes=[],
         )
 
     async def _assign_codes(self, items: list[NewLink]) -> None:
@@ -342,11 +348,9 @@ class ShortenerService:
                 by_domain.setdefault(new.domain, []).append(new)
         async with self._code_lock:  # counter blocks are shared by every request of the process
             for domain, group in by_domain.items():
-                codes = await self.codes.take(domain, len(group) * (1 + SPARES))
-                for j, new in enumerate(group):
-                    base = j * (1 + SPARES)
-                    new.short_code = codes[base]
-                    new.spare_codes = codes[base + 1 : base + 1 + SPARES]
+                codes = await self.codes.take(domain, len(group))
+                for new, code in zip(group, codes, strict=True):
+                    new.short_code = code
 
     async def _submit(self, batch: Batch) -> list[Link | Exception]:
         future: asyncio.Future[list[Link | Exception]] = asyncio.get_running_loop().create_future()

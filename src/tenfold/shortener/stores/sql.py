@@ -18,7 +18,6 @@ _LINK_COLUMNS = [f.name for f in fields(Link)]
 _ACCOUNT_COLUMNS = [f.name for f in fields(Account)]
 Sort = Literal["created", "clicks"]
 INSERT_CHUNK = 1_000  # rows per INSERT (15 columns: under every driver's parameter limit)
-SPARE_ROUNDS = 3
 
 
 def _link(row: Any) -> Link:
@@ -42,7 +41,6 @@ class NewLink:
     redirect_status: int
     max_visits: int | None
     password_hash: str | None
-    spare_codes: list[str]  # generated links only: codes to try if the first is an alias already
 
     def row(self) -> dict[str, Any]:
         return {
@@ -102,8 +100,9 @@ class SqlLinkStore:
         """Create every batch in one transaction; each item answers its Link or why not.
 
         A batch over its account's quota creates nothing (QuotaExceeded for each item). An item
-        whose custom alias is taken answers LookupError (the caller names it). The links of all
-        batches go in together, a thousand rows per statement.
+        whose code is taken (a custom alias; rarely, a generated code equal to someone's alias)
+        answers LookupError, and the quota it took is given back. The links of all batches go
+        in together, a thousand rows per statement.
         """
         results: list[list[Link | Exception | None]] = [[None] * len(b.items) for b in batches]
         async with self.engine.begin() as conn:
@@ -127,34 +126,21 @@ class SqlLinkStore:
                     claimed.add(key)
                     places.append((b, i))
                     rows.append(row)
-            pending = list(range(len(rows)))
-            for _ in range(1 + SPARE_ROUNDS):  # a generated code equal to an alias: a spare
-                if not pending:
-                    break
-                created: dict[tuple[str, str], Any] = {}
-                for start in range(0, len(pending), INSERT_CHUNK):
-                    chunk = [rows[j] for j in pending[start : start + INSERT_CHUNK]]
-                    stmt = (
-                        self._insert(links)
-                        .values(chunk)
-                        .on_conflict_do_nothing(index_elements=[links.c.domain, links.c.short_code])
-                        .returning(*links.c)
-                    )
-                    for r in (await conn.execute(stmt)).mappings():
-                        created[(r["domain"], r["short_code"])] = r
-                retry = []
-                for j in pending:
-                    b, i = places[j]
-                    item = batches[b].items[i]
-                    found = created.get((rows[j]["domain"], rows[j]["short_code"]))
-                    if found is not None:
-                        results[b][i] = _link(found)
-                    elif item.is_custom or not item.spare_codes:
-                        results[b][i] = LookupError(rows[j]["short_code"])
-                    else:
-                        rows[j]["short_code"] = item.spare_codes.pop()
-                        retry.append(j)
-                pending = retry
+            created: dict[tuple[str, str], Any] = {}
+            for start in range(0, len(rows), INSERT_CHUNK):
+                stmt = (
+                    self._insert(links)
+                    .values(rows[start : start + INSERT_CHUNK])
+                    .on_conflict_do_nothing(index_elements=[links.c.domain, links.c.short_code])
+                    .returning(*links.c)
+                )
+                for r in (await conn.execute(stmt)).mappings():
+                    created[(r["domain"], r["short_code"])] = r
+            for (b, i), row in zip(places, rows, strict=True):
+                found = created.get((row["domain"], row["short_code"]))
+                results[b][i] = (
+                    _link(found) if found is not None else LookupError(row["short_code"])
+                )
             for b, batch in enumerate(batches):
                 failed = sum(1 for r in results[b] if not isinstance(r, Link))
                 taken = not any(isinstance(r, QuotaExceeded) for r in results[b])
