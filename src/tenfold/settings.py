@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     shortener_domain_verify_url: str = (
         "https://{domain}/.well-known/tenfold-domain-verification"  # must answer the token
     )
+    shortener_domain_verify_methods: Csv = Field(default_factory=lambda: ["http", "dns"])
+    shortener_dns_nameservers: Csv = Field(default_factory=list)  # empty: the system resolver
 
     # Analytics store: empty = DuckDB in data_dir embedded, the SQL database at scale.
     analytics_url: str = ""
@@ -151,6 +153,8 @@ class Settings(BaseSettings):
         "ratelimit_trusted_proxies",
         "shortener_hosts",
         "shortener_blocklist",
+        "shortener_domain_verify_methods",
+        "shortener_dns_nameservers",
         mode="before",
     )
     @classmethod

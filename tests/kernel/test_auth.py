@@ -258,7 +258,8 @@ async def test_first_start_writes_an_admin_key_once(
         assert admin_key_of(embedded) == first
         assert len(await app.state.runtime.keys.list()) == 1
     left = sorted(p.name for p in path.parent.iterdir())
-    assert left == ["admin.key", "secret.key"]  # no temp files left (secret.key: the key ring)
+    # No temp files left (secret.key: the key ring; analytics.duckdb: the analytics store, closed).
+    assert left == ["admin.key", "analytics.duckdb", "secret.key"]
 
 
 async def test_no_admin_key_is_made_when_keys_exist(embedded: Settings, clock: ManualClock) -> None:

@@ -260,13 +260,7 @@ def test_the_configured_methods() -> None:
 
 
 def settings_of(**values: Any) -> Settings:
-    """Settings, with the values of fields Settings does not declare (yet) set on it as is."""
-    declared = {k: v for k, v in values.items() if k in Settings.model_fields}
-    settings = make_settings(**declared)
-    for name, value in values.items():
-        if name not in declared:
-            object.__setattr__(settings, name, value)
-    return settings
+    return make_settings(**values)
 
 
 async def test_branded_domain_verified_by_dns_only(

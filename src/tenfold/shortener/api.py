@@ -924,7 +924,7 @@ def config_from(settings: Any) -> ShortenerConfig:
 
 def verify_methods(settings: Any) -> list[str]:
     """The configured domain verification methods (`http`, `dns`), in order."""
-    methods = getattr(settings, "shortener_domain_verify_methods", ["http", "dns"])
+    methods = settings.shortener_domain_verify_methods
     return [m.strip().lower() for m in methods if m.strip()]
 
 
@@ -933,7 +933,7 @@ def verifier_for(settings: Any) -> Any:
     return verifier_from(
         verify_methods(settings),
         settings.shortener_domain_verify_url,
-        getattr(settings, "shortener_dns_nameservers", []) or None,
+        settings.shortener_dns_nameservers or None,
     )
 
 
@@ -1033,6 +1033,8 @@ def mount(runtime: Runtime) -> Mount:
 
     async def on_stop() -> None:
         await service.stop()
+        if service.recorder is not None:
+            await service.recorder.close()
 
     return Mount(
         name="shortener",

@@ -293,6 +293,10 @@ class ClickRecorder:
         _RECORDED.value += 1
         return True
 
+    async def close(self) -> None:
+        """Close the store (after a last flush, which the caller makes)."""
+        await self.store.close()
+
     async def start(self) -> None:
         """Create the tables if missing (a flush does it too, once the store answers)."""
         await self.store.ensure(TABLES)
