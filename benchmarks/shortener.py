@@ -47,7 +47,7 @@ from benchmarks._runner import (
     tail,
     wait_for_port,
 )
-from benchmarks._wrk import WrkResult, ensure_wrk, parse
+from benchmarks._wrk import WrkResult, ensure_wrk, parse, run_wrk
 from benchmarks.sessions import _admin_key, _tenfold, new_loop, throwaway_database
 
 T = TypeVar("T")
@@ -356,7 +356,8 @@ class AnalyticsPair:
     off_per_s: float
     on_requests: int
     off_requests: int
-    clicks_recorded: int | None
+    clicks_sent: int  # redirects served by the analytics-on server here, warm-ups included
+    clicks_recorded: int | None  # what its analytics API counts afterwards (bots excluded)
     non_2xx: int
     socket_errors: int
     rounds: int
@@ -369,12 +370,14 @@ def analytics_pair(on: Side, off: Side, quick: bool, script: Path) -> AnalyticsP
     rounds = 1 if quick else ANALYTICS_ROUNDS
     clicks_before = _total_clicks(on.base_url, on.code, on.key) or 0
     totals = {"on": [0, 0.0], "off": [0, 0.0]}
-    non_2xx = socket_errors = 0
+    non_2xx = socket_errors = sent = 0
     for r in range(rounds):
         order = (("on", on), ("off", off)) if r % 2 == 0 else (("off", off), ("on", on))
         for name, side in order:
-            clients_load(side.url, script, 1)  # warm-up, the rotation included
+            warm = clients_load(side.url, script, 1)  # warm-up, the rotation included
             got = clients_load(side.url, script, seconds)
+            if name == "on":
+                sent += warm.requests + got.requests
             totals[name][0] += got.requests
             totals[name][1] += got.requests / got.ops_per_s if got.ops_per_s else 0.0
             non_2xx += got.non_2xx
@@ -386,6 +389,7 @@ def analytics_pair(on: Side, off: Side, quick: bool, script: Path) -> AnalyticsP
         off_per_s=totals["off"][0] / totals["off"][1],
         on_requests=int(totals["on"][0]),
         off_requests=int(totals["off"][0]),
+        clicks_sent=sent,
         clicks_recorded=None if clicks is None else clicks - clicks_before,
         non_2xx=non_2xx,
         socket_errors=socket_errors,
@@ -430,22 +434,32 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
         for server in ("granian", "uvicorn"):
             log(f"shortener: redirect on {server} (analytics on, and a second server with it off)")
             figures: bench_http.HttpFigures | None = None
+            off_latency: WrkResult | None = None
             pair: AnalyticsPair | None = None
             pair_err: str | None = None
 
             def run(server: bench_http.Server = server) -> None:
-                nonlocal figures, pair, pair_err
+                nonlocal figures, off_latency, pair, pair_err
                 with ExitStack() as stack:
                     on = stack.enter_context(redirect_server(server, analytics=True))
                     off = stack.enter_context(redirect_server(server, analytics=False))
                     figures = bench_http.load(on.url, quick)
+                    # The same latency run with analytics off: what click recording adds to p99.
+                    off_latency = run_wrk(
+                        off.url,
+                        threads=1,
+                        connections=bench_http.LATENCY_CONNECTIONS,
+                        duration_s=bench_http.duration_s(quick),
+                    )
                     pair, pair_err = attempt(
                         f"analytics-cost-{server}", lambda: analytics_pair(on, off, quick, script)
                     )
 
             _, err = attempt(f"redirect-{server}", run)
             pair_err = pair_err or err
-            records.append(redirect_record(server, figures, nginx, ceiling, ceilings, err))
+            records.append(
+                redirect_record(server, figures, off_latency, nginx, ceiling, ceilings, err)
+            )
             records.append(analytics_record(server, pair, pair_err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -455,6 +469,7 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
 def redirect_record(
     server: bench_http.Server,
     got: bench_http.HttpFigures | None,
+    off_latency: WrkResult | None,
     nginx: bench_http.HttpFigures | None,
     ceiling: dict[str, Any],
     ceilings: dict[bench_http.Server, bench_http.HttpFigures],
@@ -475,6 +490,8 @@ def redirect_record(
         met_ratio=met_ratio,
         target_p99_ms=REDIRECT_TARGET_P99_MS,
         met_p99=met_p99,
+        analytics_off_p50_ms=off_latency.p50_ms if off_latency else None,
+        analytics_off_p99_ms=off_latency.p99_ms if off_latency else None,
         met=(met_ratio and met_p99) if met_ratio is not None and met_p99 is not None else None,
         share_of_ceiling=got.ops_per_s / ceiling["ops_per_s"] if got else None,
         **{f"share_of_{server}_ceiling": got.ops_per_s / same if got else None},
@@ -504,6 +521,7 @@ def analytics_record(
         server=server,
         requests=pair.on_requests if pair else None,
         peer_requests=pair.off_requests if pair else None,
+        clicks_sent=pair.clicks_sent if pair else None,
         clicks_recorded=pair.clicks_recorded if pair else None,
         rounds=pair.rounds if pair else None,
         clients=f"{CLIENT_IPS} addresses (X-Forwarded-For), {len(USER_AGENTS)} user agents",
