@@ -23,7 +23,7 @@ from tenfold.kernel.crypto import master_key
 from tenfold.kernel.runtime import Runtime
 from tenfold.kernel.sql import create_engine
 from tenfold.settings import load_settings
-from tenfold.shortener.api import service_for
+from tenfold.shortener.api import recorder_for, service_for
 from tests.backends import SqliteTemplate, free_port
 from tests.conftest import TEST_SECRET_KEY
 
@@ -84,13 +84,13 @@ def click(code: str, n: int, referrer: str = "") -> None:
         runtime = Runtime.from_settings(load_settings())
         try:
             service = service_for(runtime)
+            service.recorder = recorder = recorder_for(runtime)
             target = await service.resolve("", code)
-            assert target is not None
+            assert target is not None and recorder is not None
             for i in range(n):
                 service.visit("", code, target, f"198.51.100.{i}", CHROME, referrer)
             await service.flush()  # the links' click counts, and the analytics store
-            recorder: Any = service.recorder
-            await recorder.store.close()
+            await recorder.close()
         finally:
             await runtime.close()
 

@@ -38,7 +38,8 @@ NODE_WORKER = ROOT / "examples" / "node-worker" / "worker.mjs"
 
 @pytest.fixture
 async def api(stack: dict[str, Any], clock: ManualClock, admin_key_of: Any) -> AsyncIterator[Api]:
-    settings = make_settings(**stack)
+    # Only the task queue: other services' own tasks would add a worker to the lists checked.
+    settings = make_settings(**stack, services=["tasks"])
     async with serve_app(settings, clock) as (app, client):
         yield Api(client, admin_key_of(settings), app, clock)
 
@@ -291,6 +292,7 @@ async def server(stack: dict[str, Any], tmp_path: Path) -> AsyncIterator[tuple[s
         "TENFOLD_LOG_LEVEL": "warning",
         **({"TENFOLD_SECRET_KEY": stack["secret_key"]} if "secret_key" in stack else {}),
         "TENFOLD_RATELIMIT_EVENTS_SAMPLE": "0",
+        "TENFOLD_SERVICES": "ratelimit,tasks",  # no other service's own tasks in the worker lists
     }
     port = free_port()
     cmd = [sys.executable, "-m", "uvicorn", "tenfold.app:build_app", "--factory"]

@@ -257,6 +257,6 @@ async def test_a_server_with_no_service_tasks_runs_no_extra_worker(
 
 def test_a_setting_can_turn_the_servers_built_in_worker_off() -> None:
     # TENFOLD_TASKS_SERVICE_WORKER (default true); read with a default until Settings has it.
-    assert service_worker_enabled(SimpleNamespace()) is True  # type: ignore[arg-type]
+    assert service_worker_enabled(make_settings()) is True
     off = SimpleNamespace(tasks_service_worker=False)
     assert service_worker_enabled(off) is False  # type: ignore[arg-type]

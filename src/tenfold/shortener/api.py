@@ -970,9 +970,9 @@ def service_for(runtime: Runtime) -> ShortenerService:
     settings = runtime.settings
     service = ShortenerService(
         SqlLinkStore(runtime.engine),
-        master=master_key(settings),
+        master=lambda: master_key(settings),  # at start: scale-out may lack it until then
         kv=runtime.kv if settings.redis_url else None,
-        recorder=recorder_for(runtime),
+        recorder=None,  # opened at start
         clock=runtime.clock,
         config=config_from(settings),
         verifier=verifier_for(settings),
@@ -1022,6 +1022,8 @@ def mount(runtime: Runtime) -> Mount:
     declare_tasks(runtime, service)
 
     async def on_start() -> None:
+        service.codes  # noqa: B018 - the master key is required: fail at start, not at a creation
+        service.recorder = recorder_for(runtime)
         if service.recorder is not None:
             try:
                 await service.recorder.start()
@@ -1035,6 +1037,7 @@ def mount(runtime: Runtime) -> Mount:
         await service.stop()
         if service.recorder is not None:
             await service.recorder.close()
+            service.recorder = None
 
     return Mount(
         name="shortener",

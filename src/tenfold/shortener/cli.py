@@ -142,7 +142,7 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
     from tenfold.kernel.errors import TenfoldError
     from tenfold.kernel.runtime import Runtime
     from tenfold.settings import SettingsError, load_settings
-    from tenfold.shortener.api import service_for
+    from tenfold.shortener.api import recorder_for, service_for
     from tenfold.shortener.client import ShortenerClient, ShortenerClientError
 
     try:
@@ -157,8 +157,9 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
         runtime = Runtime.from_settings(settings)
         try:
             service = service_for(runtime)
-            recorder: Any = service.recorder if analytics else None
-            service.recorder = recorder  # only `stats` opens the analytics store
+            # Only `stats` opens the analytics store (embedded: a file one process may open).
+            recorder: Any = recorder_for(runtime) if analytics else None
+            service.recorder = recorder
             try:
                 if recorder is not None:
                     if isinstance(recorder.store, DuckDBStore):
@@ -167,7 +168,7 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
                 return await job(ShortenerClient.in_process(service, principal))
             finally:
                 if recorder is not None:
-                    await recorder.store.close()
+                    await recorder.close()
         finally:
             await runtime.close()
 

@@ -137,7 +137,7 @@ class ShortenerService:
         self,
         store: SqlLinkStore,
         *,
-        master: bytes,
+        master: bytes | Callable[[], bytes],
         kv: KV | None = None,
         recorder: Recorder | None = None,
         clock: Clock,
@@ -150,9 +150,8 @@ class ShortenerService:
         self.clock = clock
         self.config = config or ShortenerConfig()
         self.verifier = verifier
-        self.codes = CodeGenerator(
-            master, store.reserve, length=self.config.code_length, block=self.config.block
-        )
+        self._master = master
+        self._codes: CodeGenerator | None = None
         self._cache: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()
         self._loading: dict[tuple[str, str], asyncio.Future[Target | None]] = {}
         self._counts: dict[int, int] = {}
@@ -161,6 +160,16 @@ class ShortenerService:
         self._writer: asyncio.Task[None] | None = None
         self._subscription: Any = None
         self._code_lock = asyncio.Lock()
+
+    @property
+    def codes(self) -> CodeGenerator:
+        """The code generator, keyed by the master key (read on first use: at start-up)."""
+        if self._codes is None:
+            master = self._master() if callable(self._master) else self._master
+            self._codes = CodeGenerator(
+                master, self.store.reserve, length=self.config.code_length, block=self.config.block
+            )
+        return self._codes
 
     # --- the redirect ----------------------------------------------------------------------
 
