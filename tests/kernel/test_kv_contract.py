@@ -147,6 +147,40 @@ async def test_set_without_ttl_clears_a_previous_ttl(kv: KV, clock: ManualClock)
     assert await kv.get(key) == b"y"
 
 
+# --- sets ----------------------------------------------------------------------------------
+
+
+async def test_add_members_answers_only_the_new_ones(kv: KV) -> None:
+    key = kv.key("t", "visitors")
+    assert await kv.add_members(key, [b"a", b"b", b"a"]) == [b"a", b"b"]
+    assert await kv.add_members(key, [b"b", b"c", b"\x00\xff"]) == [b"c", b"\x00\xff"]
+    assert await kv.add_members(key, []) == []
+    assert await kv.add_members(kv.key("t", "other"), [b"a"]) == [b"a"]
+
+
+async def test_add_members_ttl_applies_on_creation(kv: KV, clock: ManualClock) -> None:
+    key = kv.key("t", "day")
+    await kv.add_members(key, [b"a"], ttl=10)
+    first = await kv.ttl(key)
+    assert first is not None and 9 < first <= 10
+    clock.advance(4)
+    await kv.add_members(key, [b"b"], ttl=100)
+    later = await kv.ttl(key)
+    assert later is not None and later <= 10  # a later addition does not push it out
+    if follows_clock(kv):  # Redis expires in real time: there the TTL held is what is checked
+        assert later == pytest.approx(6)
+        clock.advance(6)
+        assert await kv.ttl(key) is None
+        assert await kv.add_members(key, [b"a"]) == [b"a"]  # a new set
+
+
+async def test_delete_removes_a_set(kv: KV) -> None:
+    key = kv.key("t", "gone")
+    await kv.add_members(key, [b"a"])
+    assert await kv.delete(key) == 1
+    assert await kv.add_members(key, [b"a"]) == [b"a"]
+
+
 # --- incr ----------------------------------------------------------------------------------
 
 

@@ -41,6 +41,13 @@ class KV(Protocol):
     ) -> bool: ...
     async def delete(self, *keys: str) -> int: ...
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int: ...
+    async def add_members(
+        self, key: str, members: Sequence[bytes], *, ttl: float | None = None
+    ) -> list[bytes]:
+        """Add `members` to the set at `key`; answer those it did not hold yet (each once, in
+        the order given). `ttl` applies when the set is created."""
+        ...
+
     async def ttl(self, key: str) -> float | None: ...
     async def publish(self, channel: str, message: bytes) -> None: ...
     async def subscribe(self, channel: str, handler: Handler) -> Subscription: ...
@@ -69,6 +76,7 @@ class MemoryKV:
         self.prefix = prefix
         self.clock = clock
         self._data: dict[str, bytes] = {}
+        self._sets: dict[str, set[bytes]] = {}
         self._expiry: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._bus: dict[str, list[Handler]] = defaultdict(list)
@@ -80,9 +88,10 @@ class MemoryKV:
         deadline = self._expiry.get(key)
         if deadline is not None and deadline <= self.clock.now():
             self._data.pop(key, None)
+            self._sets.pop(key, None)
             self._expiry.pop(key, None)
             return False
-        return key in self._data
+        return key in self._data or key in self._sets
 
     def _sweep(self) -> None:
         now = self.clock.now()
@@ -99,7 +108,7 @@ class MemoryKV:
         heapq.heappush(self._heap, (deadline, key))
 
     async def get(self, key: str) -> bytes | None:
-        return self._data[key] if self._alive(key) else None
+        return self._data.get(key) if self._alive(key) else None
 
     async def set(
         self, key: str, value: bytes, *, ttl: float | None = None, only_if_absent: bool = False
@@ -117,6 +126,7 @@ class MemoryKV:
             if self._alive(key):
                 removed += 1
             self._data.pop(key, None)
+            self._sets.pop(key, None)
             self._expiry.pop(key, None)
         return removed
 
@@ -131,6 +141,26 @@ class MemoryKV:
         if fresh and ttl is not None:
             self._set_ttl(key, ttl)
         return value
+
+    async def add_members(
+        self, key: str, members: Sequence[bytes], *, ttl: float | None = None
+    ) -> list[bytes]:
+        self._sweep()
+        if key in self._data and self._alive(key):
+            raise StorageError(f"value at {key!r} is not a set")
+        held = self._sets.get(key) if self._alive(key) else None
+        fresh = held is None
+        if held is None:
+            held = set()
+        added = []
+        for member in members:
+            if member not in held:
+                held.add(member)
+                added.append(member)
+        if fresh and added:
+            self._sets[key] = held
+            self._set_ttl(key, ttl)
+        return added
 
     async def ttl(self, key: str) -> float | None:
         if not self._alive(key):
@@ -189,6 +219,19 @@ def sync_redis_client(url: str, socket_timeout: float = 2.0) -> Any:
     )
 
 
+_ADD_MEMBERS = """
+local added = {}
+for i = 2, #ARGV do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then added[#added + 1] = ARGV[i] end
+end
+local px = tonumber(ARGV[1])
+if #added > 0 and px > 0 and redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], px)
+end
+return added
+"""
+
+
 class RedisScript:
     """A Lua script loaded once and called by SHA (re-loaded if the server forgot it)."""
 
@@ -237,6 +280,7 @@ class RedisKV:
             health_check_interval=30,
             max_connections=256,
         )
+        self._add_members: RedisScript | None = None
 
     def key(self, tag: str, *parts: str) -> str:
         return build_key(self.prefix, tag, parts)
@@ -278,6 +322,17 @@ class RedisKV:
             pipe.pexpire(key, max(1, round(ttl * 1000)), nx=True)
             value, _ = await pipe.execute()
             return int(value)
+
+    async def add_members(
+        self, key: str, members: Sequence[bytes], *, ttl: float | None = None
+    ) -> list[bytes]:
+        if not members:
+            return []
+        if self._add_members is None:
+            self._add_members = self.script(_ADD_MEMBERS)
+        px = 0 if ttl is None else max(1, round(ttl * 1000))
+        added = await self._add_members([key], [px, *members])
+        return [bytes(m) for m in added]
 
     async def ttl(self, key: str) -> float | None:
         async with self.errors():
