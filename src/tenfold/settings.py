@@ -123,6 +123,7 @@ class Settings(BaseSettings):
     shortener_analytics: bool = True  # record clicks
     shortener_click_buffer: int = Field(default=100_000, ge=100)  # clicks waiting, at most
     shortener_count_bots: bool = False  # count bot clicks in totals
+    shortener_raw_clicks: bool = True  # keep every distinct click, not only the roll-ups
     shortener_domain_verify_url: str = (
         "https://{domain}/.well-known/tenfold-domain-verification"  # must answer the token
     )

@@ -361,3 +361,64 @@ async def test_a_viral_link(tmp_path: Path, clock: ManualClock) -> None:
     assert report["device_breakdown"]["devices"]["iPhone"] == total // 2 - total // 100
     assert report["unique_clicks"] < report["total_clicks"]
     await store.close()
+
+
+# --- visitor sets in the KV (memory embedded, Redis at scale) ---------------------------------
+
+
+async def test_uniques_from_the_kv_visitor_sets(
+    store: AnalyticsStore, clock: ManualClock, kv: Any
+) -> None:
+    rec = await recorder_for(store, clock, kv=kv, batch=2)
+    day2 = DAY1 + timedelta(days=1)
+    for i in range(5):  # one visitor, five clicks, flushed in batches of two
+        rec.record(ms(DAY1) + i * 1000, "s.io", "abc", "198.51.100.1", CHROME, "")
+    rec.record(ms(DAY1) + 9000, "s.io", "abc", "198.51.100.1", IPHONE, "")  # another device
+    rec.record(ms(day2), "s.io", "abc", "198.51.100.1", CHROME, "")  # the next day: again
+    assert await rec.flush() == 7
+    # A second process (its own recorder, the same KV) knows these visitors already.
+    other = await recorder_for(store, clock, kv=kv)
+    other.record(ms(DAY1) + 20_000, "s.io", "abc", "198.51.100.1", IPHONE, "")
+    await other.flush()
+    report = await rec.report("s.io", "abc", start=None, end=None)
+    assert (report["total_clicks"], report["unique_clicks"]) == (8, 3)
+    assert await store.fetch("SELECT count(*) FROM analytics_link_visitors") == [(0,)]
+
+
+async def test_a_failed_write_keeps_its_unique_clicks(
+    store: AnalyticsStore, clock: ManualClock, kv: Any
+) -> None:
+    """The KV saw the visitors before the store refused the batch: the retry still counts them."""
+    flaky = FlakyStore(store)
+    rec = await recorder_for(flaky, clock, kv=kv)  # type: ignore[arg-type]
+    rec.record(ms(DAY1), "s.io", "abc", "198.51.100.1", CHROME, "")
+    rec.record(ms(DAY1), "s.io", "abc", "198.51.100.2", CHROME, "")
+    flaky.down = True
+    with pytest.raises(BackendUnavailable):
+        await rec.flush()
+    flaky.down = False
+    assert await rec.flush() == 2
+    report = await rec.report("s.io", "abc", start=None, end=None)
+    assert (report["total_clicks"], report["unique_clicks"]) == (2, 2)
+
+
+async def test_identical_clicks_are_stored_once_with_their_count(
+    store: AnalyticsStore, clock: ManualClock
+) -> None:
+    rec = await recorder_for(store, clock)
+    for _ in range(3):  # a reload within the same second
+        rec.record(ms(DAY1) + 250, "s.io", "abc", "198.51.100.1", CHROME, "https://t.co/x")
+    rec.record(ms(DAY1) + 1250, "s.io", "abc", "198.51.100.1", CHROME, "https://t.co/x")
+    await rec.flush()
+    rows = await store.fetch("SELECT clicks FROM analytics_link_clicks ORDER BY clicked_at")
+    assert rows == [(3,), (1,)]
+    report = await rec.report("s.io", "abc", start=None, end=None)
+    assert (report["total_clicks"], report["unique_clicks"]) == (4, 1)
+
+
+async def test_raw_clicks_can_be_left_out(store: AnalyticsStore, clock: ManualClock) -> None:
+    rec = await recorder_for(store, clock, raw_clicks=False)
+    rec.record(ms(DAY1), "s.io", "abc", "198.51.100.1", CHROME, "")
+    await rec.flush()
+    assert await store.fetch("SELECT count(*) FROM analytics_link_clicks") == [(0,)]
+    assert (await rec.report("s.io", "abc", start=None, end=None))["total_clicks"] == 1

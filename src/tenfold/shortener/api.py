@@ -960,6 +960,8 @@ def recorder_for(runtime: Runtime) -> Any:
         capacity=settings.shortener_click_buffer,
         geoip_db=settings.geoip_db,
         count_bots=settings.shortener_count_bots,
+        kv=runtime.kv,
+        raw_clicks=settings.shortener_raw_clicks,
     )
 
 

@@ -12,8 +12,8 @@ in batches, enriches them and writes them to the analytics store in one transact
   unless asked for (`include_bots=True`); `bot_clicks` always reports them;
 - country and city from a MaxMind-format database when one is configured;
 - the referrer's host ("" = direct);
-- a visitor id, HMAC(salt_key, day|ip|user agent) cut to 64 bits: salted per UTC day, so a
-  visitor cannot be followed across days, and the raw IP is never stored.
+- a visitor id, keyed BLAKE2b (a MAC) of day|ip|user agent under salt_key, 64 bits: salted per
+  UTC day, so a visitor cannot be followed across days, and the raw IP is never stored.
 
 Unique clicks: a visitor counts once per link per UTC day. The count for a range of days is
 the sum of the daily uniques (the same person on Monday and Tuesday is two unique clicks);
@@ -23,9 +23,15 @@ add up to days and days to weeks.
 Roll-ups keep queries fast whatever a link's volume: each flush adds its batch into
 `analytics_link_hours` (clicks and uniques per hour) and `analytics_link_facets` (clicks per
 day per country, city, device, OS, browser and referrer), touching only the rows of the
-batch, never re-reading raw clicks. "Seen today?" is answered by `analytics_link_visitors`,
-which keeps only today's and yesterday's visitor ids. Raw clicks go to
-`analytics_link_clicks` for ad-hoc queries.
+batch, never re-reading raw clicks. Identical clicks within a second (a reload, a retry, a
+crawler) are enriched and stored once, with their count.
+
+"Seen today?" is answered by a visitor set per link and day in the KV (in-process memory
+embedded, where a restart forgets the day's visitors; Redis at scale, shared by every
+process), one round trip per link per flush; without a KV, by `analytics_link_visitors` in the
+store, which keeps only today's and yesterday's ids. Every distinct click also goes to
+`analytics_link_clicks` for ad-hoc queries, unless `raw_clicks` is off: that table is the
+costliest part of a flush (one row per distinct click), and the reports never read it.
 
 If the store is down, a failed batch goes back to the buffer (within `capacity`, counted as
 dropped beyond it) and `flush()` raises; the transaction means nothing is half-written.
@@ -34,12 +40,12 @@ dropped beyond it) and `flush()` raises; the transaction means nothing is half-w
 from __future__ import annotations
 
 import asyncio
-import hmac
 import weakref
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from functools import lru_cache
+from hashlib import blake2b
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -50,6 +56,7 @@ from prometheus_client.registry import Collector
 from tenfold.kernel.analytics import AnalyticsStore, EventTable
 from tenfold.kernel.clock import Clock
 from tenfold.kernel.errors import FieldError
+from tenfold.kernel.kv import KV
 from tenfold.kernel.telemetry import REGISTRY, HotCounter
 
 log = structlog.get_logger(__name__)
@@ -73,6 +80,7 @@ CLICKS = EventTable(
         ("os", "string"),
         ("browser", "string"),
         ("referrer", "string"),
+        ("clicks", "int"),  # identical clicks (same visitor, link, referrer) in that second
     ),
     key=("domain", "code", "clicked_at"),
 )
@@ -153,6 +161,8 @@ _FACETS = (
     ("browser", "device_breakdown", "browsers", 9),
     ("referrer", "referrer_stats", "", 10),
 )
+SEEN_CACHE = 200_000
+VISITOR_SET_SECONDS = 2 * 86_400.0  # a day's visitor set outlives its day by one more
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_DAY = date(1970, 1, 1)
 _DAY_MS = 86_400_000
@@ -244,6 +254,42 @@ def geoip_locator(path: str) -> Callable[[str], tuple[str, str]] | None:
     return locate
 
 
+Visit = tuple[str, str, date, int]  # domain, code, day, visitor
+HourKey = tuple[str, str, datetime, bool]
+
+
+def _roll_up(
+    rows: Sequence[ClickRow], weights: Sequence[int]
+) -> tuple[dict[HourKey, list[int]], Counter[tuple[Any, ...]], dict[Visit, HourKey]]:
+    """Per-hour click counts, per-day facet counts, and each visit's earliest hour (where a
+    first visit of the day counts its unique click)."""
+    hours: dict[HourKey, list[int]] = {}
+    combos: Counter[tuple[Any, ...]] = Counter()
+    visits: dict[Visit, HourKey] = {}
+    periods: dict[datetime, tuple[datetime, date]] = {}  # a batch spans few distinct seconds
+    for row, n in zip(rows, weights, strict=True):
+        domain, code, at, visitor, bot = row[0], row[1], row[2], row[3], row[4]
+        period = periods.get(at)
+        if period is None:
+            period = periods[at] = (at.replace(minute=0, second=0, microsecond=0), at.date())
+        hour, day = period
+        hour_key = (domain, code, hour, bot)
+        tally = hours.get(hour_key)
+        if tally is None:
+            tally = hours[hour_key] = [0, 0]
+        tally[0] += n
+        visit = (domain, code, day, visitor)
+        earlier = visits.get(visit)
+        if earlier is None or hour_key[2] < earlier[2]:
+            visits[visit] = hour_key
+        combos[(domain, code, day, bot, *row[5:11])] += n
+    facets: Counter[tuple[Any, ...]] = Counter()
+    for (domain, code, day, bot, *values), n in combos.items():
+        for name, _, _, index in _FACETS:
+            facets[(domain, code, day, bot, name, values[index - 5])] += n
+    return hours, facets, visits
+
+
 class ClickRecorder:
     """Buffers clicks in memory and writes them, enriched and rolled up, in batches."""
 
@@ -257,6 +303,8 @@ class ClickRecorder:
         batch: int = 5_000,
         geoip_db: str = "",
         count_bots: bool = False,
+        kv: KV | None = None,
+        raw_clicks: bool = True,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -270,6 +318,12 @@ class ClickRecorder:
         self._flush_lock = asyncio.Lock()
         self._started = False
         self._pruned_day: date | None = None
+        # Visits (link, day, visitor) this process wrote lately: a returning visitor's clicks
+        # need no question to the store (oldest forgotten first).
+        self._seen: OrderedDict[Visit, None] = OrderedDict()
+        self._owed: set[Visit] = set()
+        self.kv = kv  # visitor sets; without one, the store's visitors table answers
+        self.raw_clicks = raw_clicks  # also keep every (distinct) click, not only roll-ups
         _recorders.add(self)
 
     @property
@@ -313,8 +367,8 @@ class ClickRecorder:
                 raw = [self._buffer.popleft() for _ in range(min(self.batch, len(self._buffer)))]
                 remaining -= len(raw)
                 try:
-                    rows = await asyncio.to_thread(self.enrich, raw)
-                    await self.write(rows)
+                    rows, counts = await asyncio.to_thread(self.enrich, raw)
+                    await self.write(rows, counts)
                 except BaseException:
                     self._put_back(raw)
                     FLUSH_FAILURES.inc()
@@ -332,18 +386,42 @@ class ClickRecorder:
         self._dropped += lost
         _DROPPED.inc(lost)
 
-    def enrich(self, raw: Sequence[RawClick]) -> list[ClickRow]:
-        """Raw clicks -> rows of `CLICKS` (CPU work: run it off the event loop)."""
-        key = self._salt_key
+    def enrich(self, raw: Sequence[RawClick]) -> tuple[list[ClickRow], list[int]]:
+        """Raw clicks -> rows of `CLICKS` and how many clicks each row stands for.
+
+        Identical clicks (same second, link, address, user agent and referrer: a reload, a
+        retry, a bot) become one row, so the work below is per distinct click. CPU work: run it
+        off the event loop.
+        """
+        key = self._salt_key[:64]  # BLAKE2b's keyed mode (a MAC), keys up to 64 bytes
         locate = self._locate
+        groups = Counter((r[0] - r[0] % 1000, r[1], r[2], r[3], r[4], r[5]) for r in raw)
+        visitors: dict[tuple[int, str, str], int] = {}
+        stamps: dict[int, datetime] = {}
+        places: dict[str, tuple[str, str]] = {}
         rows: list[ClickRow] = []
-        for at_ms, domain, code, ip, user_agent, referrer in raw:
+        counts: list[int] = []
+        for (at_ms, domain, code, ip, user_agent, referrer), n in groups.items():
             device, os_name, browser, bot = classify(user_agent)
             day = at_ms // _DAY_MS
-            digest = hmac.digest(key, f"{day}|{ip}|{user_agent}".encode(), "sha256")
-            visitor = int.from_bytes(digest[:8], "big", signed=True)
-            country, city = locate(ip) if locate else ("", "")
-            at = _EPOCH + timedelta(milliseconds=at_ms)
+            visitor = visitors.get((day, ip, user_agent))
+            if visitor is None:
+                digest = blake2b(
+                    f"{day}|{ip}|{user_agent}".encode(), key=key, digest_size=8
+                ).digest()
+                visitor = visitors[(day, ip, user_agent)] = int.from_bytes(
+                    digest, "big", signed=True
+                )
+            at = stamps.get(at_ms)
+            if at is None:
+                at = stamps[at_ms] = _EPOCH + timedelta(milliseconds=at_ms)
+            if locate is not None:
+                place = places.get(ip)
+                if place is None:
+                    place = places[ip] = locate(ip)
+                country, city = place
+            else:
+                country = city = ""
             rows.append(
                 (
                     domain,
@@ -359,31 +437,53 @@ class ClickRecorder:
                     referrer_host(referrer),
                 )
             )
-        return rows
+            counts.append(n)
+        return rows, counts
 
-    async def write(self, rows: Sequence[ClickRow]) -> None:
-        """Store enriched clicks and add them into the roll-ups, all or nothing."""
+    async def write(self, rows: Sequence[ClickRow], counts: Sequence[int] | None = None) -> None:
+        """Store enriched clicks (`counts[i]` clicks for `rows[i]`, 1 each by default) and add
+        them into the roll-ups, all or nothing."""
         if not rows:
             return
-        seen = [(r[0], r[1], r[2].date(), r[3]) for r in rows]
+        weights = counts if counts is not None else [1] * len(rows)
+        hours, facets, visits = _roll_up(rows, weights)
+        known = self._seen
+        fresh = [v for v in visits if v not in known]
+        first: set[Visit] = set()
+        if self.kv is not None and fresh:
+            first = await self._first_visits(fresh)
         async with self.store.transaction() as tx:
-            first = set(await tx.insert_missing(VISITORS, seen))
-            hours: dict[tuple[str, str, datetime, bool], list[int]] = {}
-            facets: Counter[tuple[str, str, date, bool, str, str]] = Counter()
-            for row, visit in zip(rows, seen, strict=True):
-                domain, code, at, _, bot = row[:5]
-                hour = at.replace(minute=0, second=0, microsecond=0)
-                tally = hours.setdefault((domain, code, hour, bot), [0, 0])
-                tally[0] += 1
-                if visit in first:
-                    first.discard(visit)  # the visitor's first click of the day
-                    tally[1] += 1
-                day = visit[2]
-                for name, _, _, index in _FACETS:
-                    facets[(domain, code, day, bot, name, row[index])] += 1  # type: ignore[index]
-            await tx.insert(CLICKS, rows)
+            if self.kv is None and fresh:
+                first = set(await tx.insert_missing(VISITORS, fresh))
+            for visit in first:  # the visitor's first click of the day: a unique click
+                hours[visits[visit]][1] += 1
+            if self.raw_clicks:
+                await tx.insert(CLICKS, [(*row, n) for row, n in zip(rows, weights, strict=True)])
             await tx.upsert(HOURS, [(*k, c, u) for k, (c, u) in hours.items()])
             await tx.upsert(FACETS, [(*k, n) for k, n in facets.items()])
+        self._owed.difference_update(first)
+        for visit in fresh:  # committed: these need no asking next time
+            known[visit] = None
+        while len(known) > SEEN_CACHE:
+            known.popitem(last=False)
+
+    async def _first_visits(self, visits: list[Visit]) -> set[Visit]:
+        """Which visits are a visitor's first of the day on that link, by the shared visitor
+        sets (one per link and day, in the KV: memory embedded, Redis at scale). Visits found
+        new by an earlier attempt whose write failed are still owed their unique click."""
+        assert self.kv is not None
+        by_set: dict[tuple[str, str, date], list[Visit]] = {}
+        for visit in visits:
+            by_set.setdefault(visit[:3], []).append(visit)
+        first: set[Visit] = set()
+        for (domain, code, day), group in by_set.items():
+            key = self.kv.key("visitors", domain, code, day.isoformat())
+            members = {v[3].to_bytes(8, "big", signed=True): v for v in group}
+            added = await self.kv.add_members(key, list(members), ttl=VISITOR_SET_SECONDS)
+            first.update(members[m] for m in added)
+        first.update(v for v in visits if v in self._owed)
+        self._owed.update(first)  # until the write that counts them commits
+        return first
 
     async def _prune_visitors(self) -> None:
         """Visitor ids older than yesterday can no longer matter: drop them once a day."""
@@ -491,6 +591,19 @@ class ClickRecorder:
                         f"DELETE FROM {table.name} WHERE domain = :domain AND code = :code",  # noqa: S608
                         {"domain": domain, "code": code},
                     )
+            self._seen = OrderedDict(
+                (v, None) for v in self._seen if v[0] != domain or v[1] != code
+            )
+            if self.kv is not None:
+                today = _EPOCH_DAY + timedelta(days=self.clock.now_ms() // _DAY_MS)
+                await self.kv.delete(
+                    *(
+                        self.kv.key(
+                            "visitors", domain, code, (today - timedelta(days=d)).isoformat()
+                        )
+                        for d in (0, 1)
+                    )
+                )
 
 
 def _period(value: Any, granularity: Granularity) -> str:
