@@ -413,6 +413,7 @@ def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
 
 
 LeanResult = tuple[int, bytes, list[tuple[bytes, bytes]]]
+_NO_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
 LeanFunction = Callable[[Scope, bytes], Awaitable[LeanResult]]
 
 
@@ -489,7 +490,10 @@ async def serve_lean(
                 extra += verdict.headers
                 if verdict.problem is not None:
                     raise verdict.problem
-        message = await receive()
+        if scope["method"] == "GET":  # no body to read
+            message: Message = _NO_BODY
+        else:
+            message = await receive()
         if message["type"] == "http.disconnect":
             return 499
         payload = message.get("body", b"")

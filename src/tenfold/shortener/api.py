@@ -348,6 +348,7 @@ UNLOCK_PAGE = """<!doctype html><html><head><meta charset="utf-8">
 def redirect_handler(service: ShortenerService, runtime: Runtime) -> Any:
     trusted = parse_networks(runtime.settings.ratelimit_trusted_proxies)
     clock = runtime.clock
+    redirected = REDIRECTS.labels("redirected")
 
     async def redirect(scope: Any, _body: bytes) -> LeanResult:
         code: str = scope["path_params"]["short_code"]
@@ -361,12 +362,13 @@ def redirect_handler(service: ShortenerService, runtime: Runtime) -> Any:
                 referrer = value
             elif name == b"accept":
                 accept = value
-        found = service.domain_of_host(host.decode("latin-1").lower())
+        found = service.domain_of_raw_host(host)
         domain = found if found is not None else ""
         target = service.cached(domain, code)
         if target is _MISSING:
             target = await service.resolve(domain, code)
-        status, problem = check_target(target, clock.now_ms())
+        now = clock.now_ms()
+        status, problem = check_target(target, now)
         if problem is not None:
             REDIRECTS.labels(status).inc()
             raise problem
@@ -385,8 +387,10 @@ def redirect_handler(service: ShortenerService, runtime: Runtime) -> Any:
             REDIRECTS.labels("exhausted").inc()
             raise Problem(410, "link-exhausted", "this link has reached its visit limit")
         ip = client_ip(scope, trusted) or ""
-        service.visit(domain, code, target, ip, ua.decode("latin-1"), referrer.decode("latin-1"))
-        REDIRECTS.labels("redirected").inc()
+        service.visit(
+            domain, code, target, ip, ua.decode("latin-1"), referrer.decode("latin-1"), now
+        )
+        redirected.inc()
         return (
             target.status,
             b"",
@@ -1018,7 +1022,7 @@ def mount(runtime: Runtime) -> Mount:
             return False
         for name, value in scope["headers"]:
             if name == b"host":
-                return service.domain_of_host(value.decode("latin-1").lower()) is not None
+                return service.domain_of_raw_host(value) is not None
         return False
 
     declare_tasks(runtime, service)

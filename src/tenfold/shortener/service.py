@@ -156,6 +156,7 @@ class ShortenerService:
         self._loading: dict[tuple[str, str], asyncio.Future[Target | None]] = {}
         self._counts: dict[int, int] = {}
         self.branded: dict[str, str] = {}  # verified host -> its domain (the same name)
+        self._hosts: dict[bytes, Any] = {}  # raw Host header -> domain_of_host's answer
         self._pending: list[_Pending] = []
         self._writer: asyncio.Task[None] | None = None
         self._subscription: Any = None
@@ -226,17 +227,34 @@ class ShortenerService:
             self._cache.popitem(last=False)
 
     def visit(
-        self, domain: str, code: str, target: Target, ip: str, user_agent: str, referrer: str
+        self,
+        domain: str,
+        code: str,
+        target: Target,
+        ip: str,
+        user_agent: str,
+        referrer: str,
+        at_ms: int = 0,
     ) -> None:
         """Count a redirect and hand its click to analytics; never waits, never fails."""
         if not target.max_visits:
             self._counts[target.link_id] = self._counts.get(target.link_id, 0) + 1
         if self.recorder is not None:
-            self.recorder.record(self.clock.now_ms(), domain, code, ip, user_agent, referrer)
+            at = at_ms or self.clock.now_ms()
+            self.recorder.record(at, domain, code, ip, user_agent, referrer)
 
     async def take_visit(self, target: Target) -> bool:
         """A capped link's visit, counted exactly in SQL; False once the cap is reached."""
         return await self.store.take_visit(target.link_id)
+
+    def domain_of_raw_host(self, raw: bytes) -> str | None:
+        """domain_of_host for a raw Host header, remembered (the redirect asks on every hit)."""
+        found = self._hosts.get(raw, _MISSING)
+        if found is _MISSING:
+            if len(self._hosts) >= 1_024:  # Host headers are the client's to choose
+                self._hosts.clear()
+            found = self._hosts[raw] = self.domain_of_host(raw.decode("latin-1").lower())
+        return found  # type: ignore[no-any-return]
 
     def domain_of_host(self, host: str) -> str | None:
         """The code space a Host serves at `/{code}`: a verified branded domain, the default
@@ -571,6 +589,7 @@ class ShortenerService:
     async def load_domains(self) -> None:
         rows = await self.store.domains(verified=True)
         self.branded = {r["domain"]: r["domain"] for r in rows}
+        self._hosts = {}
 
     # --- background work -------------------------------------------------------------------
 
