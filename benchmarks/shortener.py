@@ -102,8 +102,16 @@ function init(args)
     requests[#requests + 1] = wrk.format("GET", nil, headers)
   end
 end
+local fresh = os.getenv("WRK_FRESH") == "1"
+math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 1000003)
 function request()
   n = n % #requests + 1
+  if fresh then  -- every click from a new visitor: a random address in 10.0.0.0/8
+    local headers = {["User-Agent"] = agents[n % #agents + 1],
+      ["X-Forwarded-For"] = "10." .. math.random(0, 255) .. "." .. math.random(0, 255) .. "."
+        .. math.random(0, 255)}
+    return wrk.format("GET", nil, headers)
+  end
   return requests[n]
 end
 """
@@ -338,15 +346,20 @@ def redirect_server(server: bench_http.Server, analytics: bool) -> Iterator[Side
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def clients_load(url: str, script: Path, seconds: int) -> WrkResult:
-    """Throughput at 50 connections from the rotating clients of CLIENTS_LUA."""
+def clients_load(url: str, script: Path, seconds: int, fresh: bool = False) -> WrkResult:
+    """Throughput at 50 connections from the rotating clients of CLIENTS_LUA (`fresh`: every
+    request from a new address, so every click is a new visitor)."""
     return wrk_script(
         url,
         script,
         threads=2,
         connections=bench_http.THROUGHPUT_CONNECTIONS,
         seconds=seconds,
-        env={"WRK_AGENTS": "\n".join(USER_AGENTS), "WRK_IPS": str(CLIENT_IPS)},
+        env={
+            "WRK_AGENTS": "\n".join(USER_AGENTS),
+            "WRK_IPS": str(CLIENT_IPS),
+            "WRK_FRESH": "1" if fresh else "0",
+        },
     )
 
 
@@ -363,7 +376,9 @@ class AnalyticsPair:
     rounds: int
 
 
-def analytics_pair(on: Side, off: Side, quick: bool, script: Path) -> AnalyticsPair:
+def analytics_pair(
+    on: Side, off: Side, quick: bool, script: Path, fresh: bool = False
+) -> AnalyticsPair:
     """Alternating throughput runs on the analytics-on and -off servers (both up all along, so
     drift in the machine's load hits both alike); requests/s summed over the rounds."""
     seconds = bench_http.duration_s(quick)
@@ -374,8 +389,8 @@ def analytics_pair(on: Side, off: Side, quick: bool, script: Path) -> AnalyticsP
     for r in range(rounds):
         order = (("on", on), ("off", off)) if r % 2 == 0 else (("off", off), ("on", on))
         for name, side in order:
-            warm = clients_load(side.url, script, 1)  # warm-up, the rotation included
-            got = clients_load(side.url, script, seconds)
+            warm = clients_load(side.url, script, 1, fresh)  # warm-up, the rotation included
+            got = clients_load(side.url, script, seconds, fresh)
             if name == "on":
                 sent += warm.requests + got.requests
             totals[name][0] += got.requests
@@ -437,9 +452,11 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
             off_latency: WrkResult | None = None
             pair: AnalyticsPair | None = None
             pair_err: str | None = None
+            fresh_pair: AnalyticsPair | None = None
+            fresh_err: str | None = None
 
             def run(server: bench_http.Server = server) -> None:
-                nonlocal figures, off_latency, pair, pair_err
+                nonlocal figures, off_latency, pair, pair_err, fresh_pair, fresh_err
                 with ExitStack() as stack:
                     on = stack.enter_context(redirect_server(server, analytics=True))
                     off = stack.enter_context(redirect_server(server, analytics=False))
@@ -454,6 +471,10 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
                     pair, pair_err = attempt(
                         f"analytics-cost-{server}", lambda: analytics_pair(on, off, quick, script)
                     )
+                    fresh_pair, fresh_err = attempt(
+                        f"analytics-cost-new-visitors-{server}",
+                        lambda: analytics_pair(on, off, quick, script, fresh=True),
+                    )
 
             _, err = attempt(f"redirect-{server}", run)
             pair_err = pair_err or err
@@ -461,6 +482,7 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
                 redirect_record(server, figures, off_latency, nginx, ceiling, ceilings, err)
             )
             records.append(analytics_record(server, pair, pair_err))
+            records.append(analytics_record(server, fresh_pair, fresh_err or err, fresh=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return records
@@ -504,12 +526,17 @@ def redirect_record(
 
 
 def analytics_record(
-    server: bench_http.Server, pair: AnalyticsPair | None, err: str | None
+    server: bench_http.Server, pair: AnalyticsPair | None, err: str | None, fresh: bool = False
 ) -> dict[str, Any]:
     ratio = pair.on_per_s / pair.off_per_s if pair else None
     change = abs(1.0 - ratio) if ratio is not None else None
+    clients = (
+        "a new visitor every request (random X-Forwarded-For in 10/8)"
+        if fresh
+        else f"{CLIENT_IPS} addresses (X-Forwarded-For), {len(USER_AGENTS)} user agents"
+    )
     return result(
-        f"analytics-cost-{server}",
+        f"analytics-cost-new-visitors-{server}" if fresh else f"analytics-cost-{server}",
         pair.on_per_s if pair else None,
         None,
         None,
@@ -524,8 +551,9 @@ def analytics_record(
         clicks_sent=pair.clicks_sent if pair else None,
         clicks_recorded=pair.clicks_recorded if pair else None,
         rounds=pair.rounds if pair else None,
-        clients=f"{CLIENT_IPS} addresses (X-Forwarded-For), {len(USER_AGENTS)} user agents",
-        config="GET /r/{code} at 50 connections; TENFOLD_SHORTENER_ANALYTICS=true vs false",
+        clients=clients,
+        config="GET /r/{code} at 50 connections; TENFOLD_SHORTENER_ANALYTICS=true vs false "
+        "(defaults otherwise: raw clicks kept)",
         non_2xx=pair.non_2xx if pair else None,
         socket_errors=pair.socket_errors if pair else None,
         error=err,
