@@ -272,8 +272,11 @@ class _DuckWriter:
 class DuckDBStore:
     """DuckDB, embedded. Every call runs on one dedicated thread (DuckDB is synchronous)."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, threads: int = 1) -> None:
         self.path = None if path in (None, "", ":memory:") else Path(path)  # None: in memory
+        # DuckDB would run a batch on every core; here it shares the machine with the server
+        # whose clicks it stores, so it gets one thread unless told otherwise.
+        self.threads = threads
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tenfold-duckdb")
         self._con: Any = None
         self._closed = False
@@ -289,7 +292,10 @@ class DuckDBStore:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._con = duckdb.connect(str(self.path) if self.path else ":memory:")
+                self._con = duckdb.connect(
+                    str(self.path) if self.path else ":memory:",
+                    config={"threads": self.threads},
+                )
             except duckdb.Error as exc:  # e.g. the file is locked by another process
                 raise BackendUnavailable(f"cannot open DuckDB {self.path}: {exc}") from exc
         return self._con
