@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     shortener_click_buffer: int = Field(default=100_000, ge=100)  # clicks waiting, at most
     shortener_count_bots: bool = False  # count bot clicks in totals
     shortener_raw_clicks: bool = True  # keep every distinct click, not only the roll-ups
+    shortener_analytics_process: bool = True  # enrich and store clicks in a child process
     shortener_domain_verify_url: str = (
         "https://{domain}/.well-known/tenfold-domain-verification"  # must answer the token
     )

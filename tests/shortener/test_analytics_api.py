@@ -117,3 +117,24 @@ async def test_the_blocklist_recheck_runs_on_the_task_queue(
         result = await asyncio.wait_for(tasks.client.result(task_id, wait=20), 25)
         assert result["blocked"] == 1
         assert (await client.get(f"/r/{code}")).status_code == 404
+
+
+async def test_the_analytics_process_is_started_again_if_it_dies(served: Any) -> None:
+    app, client, headers = served
+    service = app.state.runtime.services["shortener"]
+    recorder = service.recorder
+    r = await client.post("/api/v1/urls", json={"url": "https://example.com"}, headers=headers)
+    code = r.json()["short_code"]
+    await client.get(f"/r/{code}", headers={"user-agent": CHROME})
+    await service.flush()
+    first = recorder._proc.pid
+    recorder._proc.kill()
+    await recorder._proc.wait()
+    # Redirects do not notice; their clicks wait in the server's buffer.
+    for _ in range(3):
+        assert (await client.get(f"/r/{code}", headers={"user-agent": IPHONE})).status_code == 302
+    assert recorder.buffered == 3
+    await service.flush()  # a new analytics process takes them
+    assert recorder._proc.pid != first
+    report = (await client.get(f"/api/v1/analytics/{code}", headers=headers)).json()
+    assert report["total_clicks"] == 4

@@ -84,7 +84,7 @@ def click(code: str, n: int, referrer: str = "") -> None:
         runtime = Runtime.from_settings(load_settings())
         try:
             service = service_for(runtime)
-            service.recorder = recorder = recorder_for(runtime)
+            service.recorder = recorder = recorder_for(runtime, in_process=True)
             target = await service.resolve("", code)
             assert target is not None and recorder is not None
             for i in range(n):

@@ -950,15 +950,33 @@ def analytics_url(settings: Any) -> str:
     return str(settings.database_url)
 
 
-def recorder_for(runtime: Runtime) -> Any:
+def recorder_for(runtime: Runtime, *, in_process: bool | None = None) -> Any:
+    """The click recorder: in a process of its own by default (see click_process.py)."""
     settings = runtime.settings
     if not settings.shortener_analytics:
         return None
+    url = analytics_url(settings)
+    separate = settings.shortener_analytics_process if in_process is None else not in_process
+    if separate:
+        from tenfold.shortener.click_process import ChildConfig, ClickProcess
+
+        config = ChildConfig(
+            analytics_url=url,
+            data_dir=str(settings.data_dir),
+            salt_key=master_key(settings).hex(),
+            capacity=settings.shortener_click_buffer,
+            geoip_db=settings.geoip_db,
+            count_bots=settings.shortener_count_bots,
+            raw_clicks=settings.shortener_raw_clicks,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
+        )
+        return ClickProcess(config, capacity=settings.shortener_click_buffer)
     from tenfold.kernel.analytics import analytics_from_url
     from tenfold.shortener.clicks import ClickRecorder
 
     return ClickRecorder(
-        analytics_from_url(analytics_url(settings), settings.data_dir),
+        analytics_from_url(url, settings.data_dir),
         clock=runtime.clock,
         salt_key=master_key(settings),
         capacity=settings.shortener_click_buffer,

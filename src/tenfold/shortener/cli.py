@@ -158,7 +158,7 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
         try:
             service = service_for(runtime)
             # Only `stats` opens the analytics store (embedded: a file one process may open).
-            recorder: Any = recorder_for(runtime) if analytics else None
+            recorder: Any = recorder_for(runtime, in_process=True) if analytics else None
             service.recorder = recorder
             try:
                 if recorder is not None:
