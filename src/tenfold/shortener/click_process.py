@@ -41,6 +41,7 @@ MAX_FRAME = 256 * 1024 * 1024
 START_SECONDS = 30.0  # the child imports DuckDB and ua-parser, and opens the store
 ASK_SECONDS = 60.0
 FLUSH_SECONDS = 1.0  # the child flushes on its own too
+NICENESS = 10  # serving redirects comes first; analytics catch up (the buffer absorbs bursts)
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,8 @@ async def _child(out: Any) -> None:
 def main() -> None:
     from tenfold.kernel.telemetry import configure_logging
 
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
     # The frames own the original stdout; anything printed goes to stderr with the logs.
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
