@@ -17,6 +17,10 @@ from tenfold.shortener.tables import accounts, counters, domains, links
 _LINK_COLUMNS = [f.name for f in fields(Link)]
 _ACCOUNT_COLUMNS = [f.name for f in fields(Account)]
 Sort = Literal["created", "clicks"]
+# What a search looks in; PostgreSQL has a trigram index on exactly this (migration 0008).
+_SPACE: sa.ColumnElement[str] = sa.literal_column("' '")
+SEARCHED = links.c.long_url + _SPACE + links.c.description + _SPACE + links.c.short_code
+SEARCH_WINDOW = 5_000  # links a search filters in order before it asks the trigram index
 INSERT_CHUNK = 1_000  # rows per INSERT (15 columns: under every driver's parameter limit)
 
 
@@ -205,30 +209,59 @@ class SqlLinkStore:
         search: str = "",
         domain: str | None = None,
     ) -> list[Link]:
-        """One page of links by keyset (`after` is the last row's (sort value, link_id))."""
+        """One page of links by keyset (`after` is the last row's (sort value, link_id)).
+
+        A search first reads the next SEARCH_WINDOW links in order and filters them: a common
+        term fills the page there at once. Only when that is not enough does it ask the
+        trigram index (PostgreSQL), which is quick for rare terms and slow for common ones
+        (every match is sorted) — the planner cannot tell the two apart beforehand.
+        """
         column = links.c.created_at_ms if sort == "created" else links.c.click_count
-        query = sa.select(links)
+        order = (column.desc(), links.c.link_id.desc()) if descending else (column, links.c.link_id)
+        scope = []
         if owner is not None:
-            query = query.where(links.c.owner == owner)
+            scope.append(links.c.owner == owner)
         if domain is not None:
-            query = query.where(links.c.domain == domain)
-        if search:
-            pattern = (
-                "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            )
-            query = query.where(
-                sa.or_(
-                    links.c.long_url.ilike(pattern, escape="\\"),
-                    links.c.description.ilike(pattern, escape="\\"),
-                    links.c.short_code.like(pattern, escape="\\"),
-                )
-            )
+            scope.append(links.c.domain == domain)
         if after is not None:
             key = sa.tuple_(column, links.c.link_id)
-            query = query.where(key < sa.tuple_(*after) if descending else key > sa.tuple_(*after))
-        order = (column.desc(), links.c.link_id.desc()) if descending else (column, links.c.link_id)
-        query = query.order_by(*order).limit(limit)
+            scope.append(key < sa.tuple_(*after) if descending else key > sa.tuple_(*after))
+        if not search:
+            query = sa.select(links).where(*scope).order_by(*order).limit(limit)
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).mappings().all()
+            return [_link(r) for r in rows]
+        pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        window = sa.select(links).where(*scope).order_by(*order).limit(SEARCH_WINDOW).subquery()
+        w_column = window.c[column.name]
+        w_order = (
+            (w_column.desc(), window.c.link_id.desc())
+            if descending
+            else (w_column, window.c.link_id)
+        )
+        nearby = (
+            sa.select(window)
+            .where(
+                (
+                    window.c.long_url + _SPACE + window.c.description + _SPACE + window.c.short_code
+                ).ilike(pattern, escape="\\")
+            )
+            .order_by(*w_order)
+            .limit(limit)
+        )
+        seen = sa.select(sa.func.count()).select_from(
+            sa.select(links.c.link_id).where(*scope).limit(SEARCH_WINDOW).subquery()
+        )
         async with self.engine.connect() as conn:
+            rows = (await conn.execute(nearby)).mappings().all()
+            if len(rows) >= limit or (await conn.execute(seen)).scalar_one() < SEARCH_WINDOW:
+                return [_link(r) for r in rows]  # a full page, or every link was looked at
+            query = (
+                sa.select(links)
+                .where(*scope, SEARCHED.ilike(pattern, escape="\\"))
+                .order_by(*order)
+                .limit(limit)
+            )
             rows = (await conn.execute(query)).mappings().all()
         return [_link(r) for r in rows]
 
