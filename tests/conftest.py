@@ -133,6 +133,9 @@ def make_settings(**overrides: Any) -> Settings:
         "log_format": "json",
         "ratelimit_events_sample": 0.0,
         "gc_freeze": False,  # many apps share one test process
+        # Analytics work in the server's own process: a child per app would cost a second of
+        # start-up to every test; tests/shortener/test_analytics_api.py runs the child.
+        "shortener_analytics_process": False,
     }
     base.update(overrides)
     return Settings(**base)

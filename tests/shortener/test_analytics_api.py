@@ -23,13 +23,25 @@ BOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
 @pytest.fixture
 async def served(stack: dict[str, Any], clock: ManualClock, admin_key_of: Any) -> Any:
-    settings = make_settings(**stack, services=["shortener"])
+    settings = make_settings(**stack, services=["shortener"], shortener_analytics_process=True)
     async with serve_app(settings, clock) as (app, client):
         yield app, client, {"Authorization": f"Bearer {admin_key_of(settings)}"}
 
 
-async def test_clicks_reach_the_analytics_report(served: Any) -> None:
-    app, client, headers = served
+@pytest.mark.parametrize("in_server", [False, True])
+async def test_clicks_reach_the_analytics_report(
+    stack: dict[str, Any], clock: ManualClock, admin_key_of: Any, in_server: bool
+) -> None:
+    """Through the analytics process (the default), and with the work in the server."""
+    settings = make_settings(
+        **stack, services=["shortener"], shortener_analytics_process=not in_server
+    )
+    async with serve_app(settings, clock) as (app, client):
+        headers = {"Authorization": f"Bearer {admin_key_of(settings)}"}
+        await _clicks_reach_the_report(app, client, headers)
+
+
+async def _clicks_reach_the_report(app: Any, client: Any, headers: dict[str, str]) -> None:
     service = app.state.runtime.services["shortener"]
     r = await client.post("/api/v1/urls", json={"url": "https://example.com"}, headers=headers)
     code = r.json()["short_code"]
@@ -72,6 +84,7 @@ async def test_redirects_survive_an_unreachable_analytics_store(
         services=["shortener"],
         analytics_url="postgresql://nobody@127.0.0.1:1/nowhere",
         shortener_click_buffer=100,
+        shortener_analytics_process=True,
     )
     async with serve_app(settings, clock) as (app, client):
         headers = {"Authorization": f"Bearer {admin_key_of(settings)}"}
