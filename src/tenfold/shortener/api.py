@@ -642,7 +642,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
             granularity=granularity,
             include_bots=include_bots,
         )
-        return {"short_code": link.short_code, "domain": link.domain or None, **report}
+        return {**report, "short_code": link.short_code, "domain": link.domain or None}
 
     @router.get(
         REDIRECT_PATH,
