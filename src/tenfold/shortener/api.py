@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
@@ -274,6 +275,54 @@ def as_problem(exc: Exception) -> Problem:
     return Problem(500, "internal-error", "the link could not be created; see the server log")
 
 
+def bulk_out(outcomes: list[Link | Exception], short_url: Callable[[Link], str]) -> BulkOut:
+    """A status per item of a bulk creation, in order."""
+    results = []
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, Link):
+            results.append(
+                BulkResult(
+                    index=i,
+                    status="created",
+                    short_code=outcome.short_code,
+                    short_url=short_url(outcome),
+                    long_url=outcome.long_url,
+                )
+            )
+            continue
+        problem = as_problem(outcome)
+        errors = problem.extra.get("errors") or [
+            {"field": "url", "reason": problem.kind, "message": problem.detail}
+        ]
+        first = errors[0]
+        error = ItemError(
+            field=first["field"], reason=first.get("reason", problem.kind), detail=problem.detail
+        )
+        results.append(BulkResult(index=i, status="failed", error=error))
+    created = sum(1 for r in results if r.status == "created")
+    return BulkOut(created=created, failed=len(results) - created, results=results)
+
+
+def changes_of(body: UpdateIn) -> dict[str, Any]:
+    """The service's changes for the fields an update gave (and only those)."""
+    changes: dict[str, Any] = {}
+    for name, key in (
+        ("expires_at", "expires_at_ms"),
+        ("is_active", "is_active"),
+        ("long_url", "long_url"),
+        ("description", "description"),
+        ("redirect_type", "redirect_status"),
+        ("max_visits", "max_visits"),
+        ("password", "password"),
+    ):
+        if name in body.model_fields_set:
+            value = getattr(body, name)
+            changes[key] = _ms(value) if name == "expires_at" else value
+    if "is_active" in changes and changes["is_active"] is None:
+        raise Problem(422, "validation-error", "is_active: true or false")
+    return changes
+
+
 class Origins:
     """Builds short URLs: the configured base URL, else the request's own origin."""
 
@@ -497,37 +546,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
                 errors=[{"field": "urls", "message": f"at most {MAX_BULK} items"}],
             )
         outcomes = await create_many(principal, [u.item() for u in body.urls])
-        results = []
-        for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, Link):
-                results.append(
-                    BulkResult(
-                        index=i,
-                        status="created",
-                        short_code=outcome.short_code,
-                        short_url=origins.short_url(outcome, request),
-                        long_url=outcome.long_url,
-                    )
-                )
-            else:
-                problem = as_problem(outcome)
-                errors = problem.extra.get("errors") or [
-                    {"field": "url", "reason": problem.kind, "message": problem.detail}
-                ]
-                first = errors[0]
-                results.append(
-                    BulkResult(
-                        index=i,
-                        status="failed",
-                        error=ItemError(
-                            field=first["field"],
-                            reason=first.get("reason", problem.kind),
-                            detail=problem.detail,
-                        ),
-                    )
-                )
-        created = sum(1 for r in results if r.status == "created")
-        return BulkOut(created=created, failed=len(results) - created, results=results)
+        return bulk_out(outcomes, lambda link: origins.short_url(link, request))
 
     @router.get("/api/v1/urls", response_model=PageOut, summary="Your links, a page at a time")
     async def list_links(
@@ -583,22 +602,7 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         principal: Principal = writer,
     ) -> UpdatedOut:
         link = await owned(short_code, domain, principal)
-        given = body.model_fields_set
-        changes: dict[str, Any] = {}
-        for name, key in (
-            ("expires_at", "expires_at_ms"),
-            ("is_active", "is_active"),
-            ("long_url", "long_url"),
-            ("description", "description"),
-            ("redirect_type", "redirect_status"),
-            ("max_visits", "max_visits"),
-            ("password", "password"),
-        ):
-            if name in given:
-                value = getattr(body, name)
-                changes[key] = _ms(value) if name == "expires_at" else value
-        if "is_active" in changes and changes["is_active"] is None:
-            raise Problem(422, "validation-error", "is_active: true or false")
+        changes = changes_of(body)
         try:
             updated = await service.update(link, changes)
         except LinkError as exc:

@@ -37,6 +37,8 @@ from tenfold.shortener.api import (
     Origins,
     UpdateIn,
     as_problem,
+    bulk_out,
+    changes_of,
     decode_cursor,
     encode_cursor,
     link_error,
@@ -333,41 +335,8 @@ class InProcessShortenerClient(ShortenerClient):
             body = BulkIn.model_validate({"urls": rows})
         except pydantic.ValidationError as exc:
             raise _from_validation(exc) from None
-        results: builtins.list[dict[str, Any]] = []
-        for i, outcome in enumerate(await self._create(body.urls)):
-            if isinstance(outcome, Link):
-                results.append(
-                    {
-                        "index": i,
-                        "status": "created",
-                        "short_code": outcome.short_code,
-                        "short_url": self._url(outcome),
-                        "long_url": outcome.long_url,
-                        "error": None,
-                    }
-                )
-                continue
-            problem = as_problem(outcome)
-            errors = problem.extra.get("errors") or [
-                {"field": "url", "reason": problem.kind, "message": problem.detail}
-            ]
-            first = errors[0]
-            results.append(
-                {
-                    "index": i,
-                    "status": "failed",
-                    "short_code": None,
-                    "short_url": None,
-                    "long_url": None,
-                    "error": {
-                        "field": first["field"],
-                        "reason": first.get("reason", problem.kind),
-                        "detail": problem.detail,
-                    },
-                }
-            )
-        created = sum(1 for r in results if r["status"] == "created")
-        return {"created": created, "failed": len(results) - created, "results": results}
+        outcomes = await self._create(body.urls)
+        return bulk_out(outcomes, self._url).model_dump(mode="json")
 
     async def _owned(self, code: str, domain: str | None) -> Link:
         try:
@@ -395,21 +364,10 @@ class InProcessShortenerClient(ShortenerClient):
         except pydantic.ValidationError as exc:
             raise _from_validation(exc) from None
         link = await self._owned(code, domain)
-        values: dict[str, Any] = {}
-        for name, key in (
-            ("expires_at", "expires_at_ms"),
-            ("is_active", "is_active"),
-            ("long_url", "long_url"),
-            ("description", "description"),
-            ("redirect_type", "redirect_status"),
-            ("max_visits", "max_visits"),
-            ("password", "password"),
-        ):
-            if name in body.model_fields_set:
-                value = getattr(body, name)
-                values[key] = _ms(value) if name == "expires_at" else value
-        if "is_active" in values and values["is_active"] is None:
-            raise _from_problem(Problem(422, "validation-error", "is_active: true or false"))
+        try:
+            values = changes_of(body)
+        except Problem as exc:
+            raise _from_problem(exc) from None
         try:
             return self._json(await self.service.update(link, values))
         except LinkError as exc:
@@ -505,7 +463,7 @@ class InProcessShortenerClient(ShortenerClient):
             raise _field(exc.field, exc.message) from None
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
-        return {"short_code": link.short_code, "domain": link.domain or None, **report}
+        return {**report, "short_code": link.short_code, "domain": link.domain or None}
 
     async def aclose(self) -> None:
         return None  # the service belongs to its runtime
