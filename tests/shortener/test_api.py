@@ -184,6 +184,23 @@ async def test_password_protected_links(api: Api) -> None:
     assert stored.password_hash and "open sesame" not in stored.password_hash
 
 
+async def test_password_guesses_are_limited(
+    api: Api, clock: ManualClock, stack: dict[str, Any]
+) -> None:
+    code = (await api.create(password="right one"))["short_code"]
+    answers = [
+        (await api.client.post(f"/r/{code}", data={"password": f"guess {i}"})).status_code
+        for i in range(11)
+    ]
+    assert answers == [403] * 10 + [429]
+    limited = await api.client.post(f"/r/{code}", data={"password": "right one"})
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+    if not stack["redis_url"]:  # the memory KV follows the test clock; Redis expires in real time
+        clock.advance(901)
+        ok = await api.client.post(f"/r/{code}", data={"password": "right one"})
+        assert ok.status_code == 303
+
+
 async def test_update_and_delete_are_owner_only(api: Api) -> None:
     code = (await api.create())["short_code"]
     account = await _account(api, "other@example.com", "pro")

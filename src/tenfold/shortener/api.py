@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable
@@ -70,6 +71,9 @@ FLUSH_SECONDS = 1.0
 DOMAINS_RELOAD_SECONDS = 10.0
 ANONYMOUS = "anonymous"
 MAX_PAGE = 200
+UNLOCK_WINDOW = 900.0  # seconds
+UNLOCK_PER_CLIENT = 10  # password attempts per link and client address in a window
+UNLOCK_PER_LINK = 100  # ... and per link, from anyone
 Code = Annotated[str, Path(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$")]
 Domain = Annotated[str | None, Query(max_length=253, description="a branded domain's code space")]
 
@@ -487,6 +491,26 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
     writer = require("shortener:write")
     maybe_writer = Depends(creator)
 
+    trusted = parse_networks(runtime.settings.ratelimit_trusted_proxies)
+
+    async def limit_unlocks(domain: str, code: str, ip: str) -> None:
+        """Password guesses: UNLOCK_PER_CLIENT per client and UNLOCK_PER_LINK per link in each
+        UNLOCK_WINDOW seconds, whatever the rate-limit guard says of public paths."""
+        kv = runtime.kv
+        for key, most in (
+            (kv.key("unlock", domain, code, ip), UNLOCK_PER_CLIENT),
+            (kv.key("unlock", domain, code), UNLOCK_PER_LINK),
+        ):
+            tries = await kv.incr(key, ttl=UNLOCK_WINDOW)
+            if tries > most:
+                wait = await kv.ttl(key) or UNLOCK_WINDOW
+                raise Problem(
+                    429,
+                    "too-many-attempts",
+                    f"too many password attempts for this link; retry in {wait:.0f} s",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
+
     def owner_of(principal: Principal | None) -> str:
         return principal.subject if principal is not None else ANONYMOUS
 
@@ -668,7 +692,11 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         summary="Open a password-protected link (form field or JSON `password`)",
         status_code=302,
         response_class=Response,
-        responses={403: {"description": "wrong password"}, 404: {"description": "unknown code"}},
+        responses={
+            403: {"description": "wrong password"},
+            404: {"description": "unknown code"},
+            429: {"description": "too many password attempts"},
+        },
     )
     async def unlock(short_code: Code, request: Request) -> Response:
         raw = await request.body()
@@ -692,9 +720,12 @@ def build_router(service: ShortenerService, runtime: Runtime, lean: Any) -> APIR
         if problem is not None:
             raise problem
         assert link is not None and target is not None
-        if link.password_hash is not None and not check_password(password, link.password_hash):
-            REDIRECTS.labels("wrong_password").inc()
-            raise Problem(403, "wrong-password", "the password is not right")
+        if link.password_hash is not None:
+            await limit_unlocks(domain, short_code, client_ip(request.scope, trusted) or "")
+            # scrypt takes tens of milliseconds of CPU: not on the event loop.
+            if not await asyncio.to_thread(check_password, password, link.password_hash):
+                REDIRECTS.labels("wrong_password").inc()
+                raise Problem(403, "wrong-password", "the password is not right")
         if target.max_visits and not await service.take_visit(target):
             raise Problem(410, "link-exhausted", "this link has reached its visit limit")
         service.visit(

@@ -353,7 +353,9 @@ class ShortenerService:
             raise LinkError("max_visits", "invalid", "max_visits is at least 1")
         if len(item.description) > 500:
             raise LinkError("description", "too-long", "the description is at most 500 characters")
-        password = hash_password(item.password) if item.password is not None else None
+        password = None
+        if item.password is not None:  # scrypt: tens of milliseconds, not on the event loop
+            password = await asyncio.to_thread(hash_password, item.password)
         return NewLink(
             domain=item.domain,
             short_code=alias or "",
@@ -452,7 +454,7 @@ class ShortenerService:
             values["redirect_status"] = changes["redirect_status"]
         if "password" in changes:
             pw = changes["password"]
-            values["password_hash"] = hash_password(pw) if pw else None
+            values["password_hash"] = await asyncio.to_thread(hash_password, pw) if pw else None
         updated = await self.store.update(link.link_id, values)
         if updated is None:
             raise LookupError(link.short_code)
