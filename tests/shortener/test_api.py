@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -355,46 +352,18 @@ async def test_short_host_serves_codes_at_the_root(api: Api) -> None:
     assert (await api.client.get("/healthz", headers={"host": "sho.rt"})).status_code == 200
 
 
-@pytest.fixture
-def token_server() -> Iterator[tuple[str, dict[str, str]]]:
-    """A real HTTP server answering /<domain>/.well-known/... with the tokens it is given."""
-    tokens: dict[str, str] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            domain = self.path.strip("/").split("/")[0]
-            token = tokens.get(domain)
-            body = (token or "").encode()
-            self.send_response(200 if token else 404)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", tokens
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 async def test_branded_domains(
     stack: dict[str, Any],
     clock: ManualClock,
     admin_key_of: Any,
     token_server: tuple[str, dict[str, str]],
 ) -> None:
-    base, tokens = token_server
+    template, tokens = token_server
     settings = make_settings(
         **stack,
         services=["shortener"],
         shortener_analytics=False,
-        shortener_domain_verify_url=base + "/{domain}/.well-known/tenfold-domain-verification",
+        shortener_domain_verify_url=template,
         shortener_domain_verify_methods=["http"],
     )
     async with serve_app(settings, clock) as (app, client):

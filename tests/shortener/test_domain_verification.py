@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -190,33 +189,6 @@ def test_nameserver_entries() -> None:
     for bad in ("dns.example", "1.2.3.4:0", "[::1]x", "1.2.3.4:port"):
         with pytest.raises(ValueError):
             parse_nameserver(bad)
-
-
-@pytest.fixture
-def token_server() -> Iterator[tuple[str, dict[str, str]]]:
-    """A real HTTP server answering /<domain>/.well-known/... with the tokens it is given."""
-    tokens: dict[str, str] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            token = tokens.get(self.path.strip("/").split("/")[0])
-            body = (token or "").encode()
-            self.send_response(200 if token else 404)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/{{domain}}/.well-known/verify", tokens
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 async def test_any_method_proves_it(dns: Dns, token_server: tuple[str, dict[str, str]]) -> None:
