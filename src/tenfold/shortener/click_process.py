@@ -32,7 +32,7 @@ import orjson
 import structlog
 
 from tenfold.kernel.errors import BackendUnavailable, FieldError
-from tenfold.shortener.clicks import _DROPPED, _RECORDED, _WRITTEN, Granularity, RawClick
+from tenfold.shortener.clicks import _WRITTEN, ClickBuffer, Granularity
 
 log = structlog.get_logger(__name__)
 
@@ -73,14 +73,12 @@ def _frame(doc: Any) -> bytes:
 # --- the server's side ---------------------------------------------------------------------
 
 
-class ClickProcess:
+class ClickProcess(ClickBuffer):
     """The Recorder the redirect feeds, with the work done in a child process."""
 
     def __init__(self, config: ChildConfig, *, capacity: int) -> None:
+        super().__init__(capacity)
         self.config = config
-        self.capacity = capacity
-        self._buffer: deque[RawClick] = deque()
-        self._dropped = 0
         self._child_dropped = 0
         self._child_buffered = 0
         self._child_written = 0
@@ -97,18 +95,6 @@ class ClickProcess:
     @property
     def dropped(self) -> int:
         return self._dropped + self._child_dropped
-
-    def record(
-        self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
-    ) -> bool:
-        buffer = self._buffer
-        if len(buffer) >= self.capacity:
-            self._dropped += 1
-            _DROPPED.value += 1
-            return False
-        buffer.append((at_ms, domain, code, ip, user_agent, referrer))
-        _RECORDED.value += 1
-        return True
 
     async def start(self) -> None:
         async with self._lock:

@@ -290,7 +290,29 @@ def _roll_up(
     return hours, facets, visits
 
 
-class ClickRecorder:
+class ClickBuffer:
+    """The bounded buffer the redirect appends to: O(1), never blocks, counts what it drops."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._buffer: deque[RawClick] = deque()
+        self._dropped = 0
+
+    def record(
+        self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
+    ) -> bool:
+        """Queue one click; False (and counted as dropped) when the buffer is full."""
+        buffer = self._buffer
+        if len(buffer) >= self.capacity:
+            self._dropped += 1
+            _DROPPED.value += 1
+            return False
+        buffer.append((at_ms, domain, code, ip, user_agent, referrer))
+        _RECORDED.value += 1
+        return True
+
+
+class ClickRecorder(ClickBuffer):
     """Buffers clicks in memory and writes them, enriched and rolled up, in batches."""
 
     def __init__(
@@ -306,15 +328,13 @@ class ClickRecorder:
         kv: KV | None = None,
         raw_clicks: bool = True,
     ) -> None:
+        super().__init__(capacity)
         self.store = store
         self.clock = clock
-        self.capacity = capacity
         self.batch = batch
         self.count_bots = count_bots  # the default of report(include_bots=...)
         self._salt_key = salt_key
         self._locate = geoip_locator(geoip_db)
-        self._buffer: deque[RawClick] = deque()
-        self._dropped = 0
         self._flush_lock = asyncio.Lock()
         self._started = False
         self._pruned_day: date | None = None
@@ -333,19 +353,6 @@ class ClickRecorder:
     @property
     def dropped(self) -> int:
         return self._dropped
-
-    def record(
-        self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
-    ) -> bool:
-        """Queue one click; False (and counted as dropped) when the buffer is full."""
-        buffer = self._buffer
-        if len(buffer) >= self.capacity:
-            self._dropped += 1
-            _DROPPED.value += 1
-            return False
-        buffer.append((at_ms, domain, code, ip, user_agent, referrer))
-        _RECORDED.value += 1
-        return True
 
     async def close(self) -> None:
         """Close the store (after a last flush, which the caller makes)."""
