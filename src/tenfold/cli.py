@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tenfold import SERVICES, __version__
+from tenfold.kernel.commands import fail
 from tenfold.kernel.errors import MigrationError
 from tenfold.settings import Settings, SettingsError, load_settings
 
@@ -29,12 +30,6 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 app.add_typer(keys_app, name="keys")
 
 console = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def settings_or_exit(**overrides: Any) -> Settings:

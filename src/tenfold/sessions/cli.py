@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tenfold.kernel.commands import CliError, database_message, fail
 from tenfold.sessions.models import SessionType
 
 if TYPE_CHECKING:
@@ -40,27 +41,6 @@ MAX_UNREADABLE = 10_000  # sessions that cannot be decrypted before rotate-keys 
 SETTLE_MARGIN_SECONDS = 5.0
 
 
-class CliError(Exception):
-    """A one-line error for the user, with the exit code to leave with."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _database_message(exc: Exception) -> str:
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    lowered = reason.lower()
-    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
-        return f"database: {reason}; the database is not migrated: run `tenfold migrate`"
-    return f"database: {reason}; run `tenfold doctor`"
-
-
 def _with_service(job: Callable[[SessionService], Awaitable[T]]) -> T:
     """Run `job` with this settings' SessionService (its key ring open), then close it all."""
     from sqlalchemy.exc import DBAPIError
@@ -75,7 +55,7 @@ def _with_service(job: Callable[[SessionService], Awaitable[T]]) -> T:
     try:
         settings = load_settings()
     except SettingsError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
 
     async def main() -> T:
         runtime = Runtime.from_settings(settings)
@@ -100,8 +80,8 @@ def _with_service(job: Callable[[SessionService], Awaitable[T]]) -> T:
     except CryptoError as exc:
         message, code = f"key ring: {exc}", 1
     except (DBAPIError, OSError, TenfoldError) as exc:
-        message, code = _database_message(exc), 1
-    raise _fail(message, code)
+        message, code = database_message(exc), 1
+    raise fail(message, code)
 
 
 def _when(ms: int) -> datetime:
@@ -186,7 +166,7 @@ def _instant(text: str) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise _fail(
+        raise fail(
             f"--created-before: {text!r} is not an ISO 8601 time; e.g. 2026-01-31 or "
             "2026-01-31T12:00:00Z",
             2,
@@ -217,18 +197,18 @@ def revoke(
     before_ms = _instant(created_before) if created_before is not None else None
     if session_id is not None:
         if user is not None or keep is not None or before_ms is not None or session_type:
-            raise _fail("give a SESSION_ID or filters (--user, --created-before, --type)", 2)
+            raise fail("give a SESSION_ID or filters (--user, --created-before, --type)", 2)
         _revoke_one(session_id)
     elif user is not None and before_ms is None:
         _revoke_user(user, keep, session_type)
     elif before_ms is not None or session_type is not None:
         if keep is not None:
-            raise _fail("--keep only applies with --user alone (no --created-before)", 2)
+            raise fail("--keep only applies with --user alone (no --created-before)", 2)
         _revoke_bulk(user, before_ms, session_type, yes)
     else:
         if keep is not None:
-            raise _fail("--keep needs --user", 2)
-        raise _fail(
+            raise fail("--keep needs --user", 2)
+        raise fail(
             "what to revoke? give a SESSION_ID, --user USER, or --created-before/--type; "
             "see `tenfold sessions revoke --help`",
             2,

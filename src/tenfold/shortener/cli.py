@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tenfold.kernel.commands import CliError, database_message, fail
+
 if TYPE_CHECKING:
     from tenfold.shortener.client import ShortenerClient
 
@@ -32,7 +34,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-err = Console(stderr=True)
 
 OWNER = "cli"  # who owns the links created on the local database
 CHUNK = 1_000  # rows per bulk call (the API's limit)
@@ -63,27 +64,6 @@ ApiKey = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of text")]
 
 
-class CliError(Exception):
-    """A one-line error for the user, with the exit code to leave with."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _database_message(exc: Exception) -> str:
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    lowered = reason.lower()
-    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
-        return f"database: {reason}; the database is not migrated: run `tenfold migrate`"
-    return f"database: {reason}; run `tenfold doctor`"
-
-
 def _client_message(exc: Exception, url: str | None) -> tuple[str, int]:
     from tenfold.shortener.client import ShortenerClientError
 
@@ -112,7 +92,7 @@ def _with_client(
 
     if url:
         if not api_key:
-            raise _fail(
+            raise fail(
                 "--url needs an API key: --api-key KEY or TENFOLD_API_KEY (create one with "
                 "`tenfold keys create --name cli --scope shortener:write`)",
                 2,
@@ -123,7 +103,7 @@ def _with_client(
             message, code = _client_message(exc, url)
         except CliError as exc:
             message, code = str(exc), exc.code
-        raise _fail(message, code)
+        raise fail(message, code)
     return _locally(job, analytics=analytics)
 
 
@@ -148,7 +128,7 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
     try:
         settings = load_settings()
     except SettingsError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     principal = Principal(OWNER, "tenfold shortener CLI", frozenset({"shortener:admin"}), OWNER)
     duckdb: DuckDBStore | None = None
 
@@ -187,8 +167,8 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
         if duckdb is not None and "duckdb" in str(exc).lower():
             message, code = _duckdb_busy(duckdb, str(exc)), 1
         else:
-            message, code = _database_message(exc), 1
-    raise _fail(message, code)
+            message, code = database_message(exc), 1
+    raise fail(message, code)
 
 
 def _duckdb_busy(store: Any, detail: str) -> str:
@@ -218,7 +198,7 @@ def _day(text: str | None, option: str) -> date | None:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise _fail(f"{option}: {text!r} is not a date; e.g. 2026-01-31", 2) from None
+        raise fail(f"{option}: {text!r} is not a date; e.g. 2026-01-31", 2) from None
 
 
 def _show(value: str | None) -> str:
@@ -256,7 +236,7 @@ def create(
     try:
         expires_at = _instant(expires, "--expires") if expires is not None else None
     except CliError as exc:
-        raise _fail(str(exc), exc.code) from None
+        raise fail(str(exc), exc.code) from None
 
     async def job(client: ShortenerClient) -> dict[str, Any]:
         return await client.shorten(
@@ -560,7 +540,7 @@ def import_csv(
     try:
         header, rows = _read_csv(file)
     except CliError as exc:
-        raise _fail(str(exc), exc.code) from None
+        raise fail(str(exc), exc.code) from None
 
     async def job(client: ShortenerClient) -> Imported:
         done = Imported()
@@ -585,7 +565,7 @@ def import_csv(
         try:
             _write_errors(errors, header, done.failed)
         except OSError as exc:
-            raise _fail(f"--errors {errors}: {exc}", 1) from None
+            raise fail(f"--errors {errors}: {exc}", 1) from None
         console.print(f"failed rows, with their reason: {errors}", highlight=False)
     else:
         row, reason, detail = min(done.failed, key=lambda f: f[0].line)

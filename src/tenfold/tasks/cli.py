@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tenfold.kernel.commands import CliError
+
 if TYPE_CHECKING:
     from tenfold.tasks.models import Task
     from tenfold.tasks.service import TaskService
@@ -26,14 +28,6 @@ dlq_app = typer.Typer(
 app.add_typer(dlq_app, name="dlq")
 console = Console()
 err = Console(stderr=True)
-
-
-class CliError(Exception):
-    """A one-line error for the user, with the exit code to leave with."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _with_service(job: Callable[[TaskService], Awaitable[T]]) -> T:
