@@ -158,7 +158,6 @@ class ShortenerClient(ABC):
         With `client`, its connection pool is used and it is left open by `aclose()`."""
         return HttpShortenerClient(base_url, api_key, client=client, timeout=timeout)
 
-    @abstractmethod
     async def shorten(
         self,
         url: str,
@@ -172,6 +171,14 @@ class ShortenerClient(ABC):
         password: str | None = None,
     ) -> dict[str, Any]:
         """A new short link (the API's link object: short_code, short_url, long_url, ...)."""
+        body = _shorten_body(
+            url, custom_alias, expires_at, description, domain, redirect_type, max_visits, password
+        )
+        return await self._shorten(body)
+
+    @abstractmethod
+    async def _shorten(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create one link from the API's request body."""
 
     async def bulk(self, items: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """Shorten many URLs, 1,000 per call: `{created, failed, results}`, one result per item
@@ -306,21 +313,7 @@ class InProcessShortenerClient(ShortenerClient):
         except BackendUnavailable as exc:
             raise _unavailable(exc) from exc
 
-    async def shorten(
-        self,
-        url: str,
-        *,
-        custom_alias: str | None = None,
-        expires_at: datetime | str | None = None,
-        description: str = "",
-        domain: str | None = None,
-        redirect_type: int | None = None,
-        max_visits: int | None = None,
-        password: str | None = None,
-    ) -> dict[str, Any]:
-        body = _shorten_body(
-            url, custom_alias, expires_at, description, domain, redirect_type, max_visits, password
-        )
+    async def _shorten(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             item = CreateIn.model_validate(body)
         except pydantic.ValidationError as exc:
@@ -565,21 +558,7 @@ class HttpShortenerClient(ShortenerClient):
     def _domain(domain: str | None) -> dict[str, str] | None:
         return {"domain": domain} if domain is not None else None
 
-    async def shorten(
-        self,
-        url: str,
-        *,
-        custom_alias: str | None = None,
-        expires_at: datetime | str | None = None,
-        description: str = "",
-        domain: str | None = None,
-        redirect_type: int | None = None,
-        max_visits: int | None = None,
-        password: str | None = None,
-    ) -> dict[str, Any]:
-        body = _shorten_body(
-            url, custom_alias, expires_at, description, domain, redirect_type, max_visits, password
-        )
+    async def _shorten(self, body: dict[str, Any]) -> dict[str, Any]:
         return dict(await self._call("POST", "/api/v1/urls", body))
 
     async def _bulk_call(self, rows: builtins.list[dict[str, Any]]) -> dict[str, Any]:

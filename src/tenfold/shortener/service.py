@@ -308,7 +308,7 @@ class ShortenerService:
             new = retry
         done = [r for r in results if isinstance(r, Link)]
         if done:
-            await self._announce([(link.domain, link.short_code) for link in done])
+            await self._forget([(link.domain, link.short_code) for link in done])
         return [r if r is not None else RuntimeError("not created") for r in results]
 
     async def _prepare(
@@ -493,18 +493,9 @@ class ShortenerService:
 
     # --- caches across processes -----------------------------------------------------------
 
-    async def _announce(self, keys: list[tuple[str, str]]) -> None:
-        """New codes: no process may keep remembering them as unknown."""
-        for key in keys:
-            entry = self._cache.get(key)
-            if entry is not None and entry[0] is None:
-                del self._cache[key]
-        if self.kv is not None:
-            with contextlib.suppress(BackendUnavailable):
-                await self.kv.delete(*(self.kv.key("link", d, c) for d, c in keys))
-                await self.kv.publish(INVALIDATE_CHANNEL, _keys_message(keys))
-
     async def _forget(self, keys: list[tuple[str, str]]) -> None:
+        """Drop every copy of these links: here, in Redis, and (pub/sub) in every process. New
+        codes go through here too, so that no process keeps remembering them as unknown."""
         for key in keys:
             self._cache.pop(key, None)
         if self.kv is not None:
