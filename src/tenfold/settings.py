@@ -130,6 +130,7 @@ class Settings(BaseSettings):
     )
     shortener_domain_verify_methods: Csv = Field(default_factory=lambda: ["http", "dns"])
     shortener_dns_nameservers: Csv = Field(default_factory=list)  # empty: the system resolver
+    flags_default_environment: str = "production"  # where keys bound to none evaluate
 
     # Analytics store: empty = DuckDB in data_dir embedded, the SQL database at scale.
     analytics_url: str = ""

@@ -772,3 +772,121 @@ def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
                 stack.pop()
                 trail.pop()
     return None
+
+
+# --- environments, change requests, experiments ----------------------------------------------
+
+RESERVED_FLAG_KEYS = frozenset(
+    {
+        "environments",
+        "segments",
+        "stream",
+        "ruleset",
+        "usage",
+        "events",
+        "stale",
+        "change-requests",
+        "experiments",
+        "export",
+        "import",
+    }
+)  # words the flags API uses as paths under /api/v1/flags/
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    key: str
+    name: str
+    is_production: bool = False
+    approval_required: bool = False
+    required_approvals: int = 1
+    revision: int = 0
+    environment_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "environment_key": self.key,
+            "name": self.name,
+            "is_production": self.is_production,
+            "approval_required": self.approval_required,
+            "required_approvals": self.required_approvals,
+            "revision": self.revision,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    approver: str
+    decision: str  # approve or reject
+    comment: str
+    decided_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRequest:
+    """An edit waiting for approvals: `kind` "targeting" (one environment) or "flag" (the
+    definition, shared by every environment)."""
+
+    request_id: str
+    flag_key: str
+    environment: str
+    kind: str
+    payload: dict[str, Any]
+    base_version: int
+    author: str
+    comment: str
+    status: str
+    required_approvals: int
+    created_at_ms: int
+    decided_at_ms: int | None = None
+    decisions: tuple[Decision, ...] = ()
+
+    @property
+    def approvals(self) -> int:
+        return sum(1 for d in self.decisions if d.decision == "approve")
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    key: str
+    flag_key: str
+    environment: str
+    control: str
+    metric: str
+    sample_rate: float
+    status: str
+    started_at_ms: int
+    stopped_at_ms: int | None = None
+    created_by: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment_key": self.key,
+            "flag_key": self.flag_key,
+            "environment": self.environment,
+            "control": self.control,
+            "metric": self.metric,
+            "sample_rate": self.sample_rate,
+            "status": self.status,
+            "started_at_ms": self.started_at_ms,
+            "stopped_at_ms": self.stopped_at_ms,
+            "created_by": self.created_by,
+        }
+
+
+class Conflict(Exception):
+    """The change cannot be made in the current state (409)."""
+
+    def __init__(self, message: str, kind: str = "conflict") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+
+class Missing(Exception):
+    """A flag, segment, environment, experiment or change request does not exist (404)."""
+
+    def __init__(self, what: str, key: str) -> None:
+        super().__init__(f"{what} {key} does not exist")
+        self.what = what
+        self.key = key
