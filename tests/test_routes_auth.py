@@ -83,6 +83,7 @@ def settings(tmp_path: Path, sqlite_template: SqliteTemplate) -> Any:
         database_url=sqlite_template.clone(tmp_path / "db" / "tenfold.db"),
         services=list(SERVICES),
         ratelimit_anonymous_limit=100_000,  # this test makes many anonymous calls
+        flags_stream_max_seconds=0,  # the change stream sends its state and ends
     )
 
 

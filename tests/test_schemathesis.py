@@ -114,6 +114,7 @@ def api(
         database_url=sqlite_template.clone(tmp / "db" / "tenfold.db"),
         services=list(SERVICES),
         ratelimit_anonymous_limit=1_000_000,
+        flags_stream_max_seconds=0,  # the change stream sends its state and ends
     )
     app = build_app(app_settings)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # runs the app's lifespan

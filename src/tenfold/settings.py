@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     shortener_domain_verify_methods: Csv = Field(default_factory=lambda: ["http", "dns"])
     shortener_dns_nameservers: Csv = Field(default_factory=list)  # empty: the system resolver
     flags_default_environment: str = "production"  # where keys bound to none evaluate
+    flags_stream_max_seconds: float = Field(default=300.0, ge=0)  # then SDKs reconnect
 
     # Analytics store: empty = DuckDB in data_dir embedded, the SQL database at scale.
     analytics_url: str = ""

@@ -57,6 +57,24 @@ SYNC_SECONDS = 2.0  # a change whose message was lost is picked up within this
 PING_SECONDS = 15.0  # SSE keep-alive comments
 RETRY_MS = 1_000  # what the stream tells a client to wait before reconnecting
 
+OFREP_ERROR_RESPONSE: dict[str, Any] = {
+    "description": "an OFREP evaluation error (or a problem from the shared layers)",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "key": {"type": "string"},
+                    "errorCode": {"type": "string"},
+                    "errorDetails": {"type": "string"},
+                },
+                "required": ["errorCode"],
+            }
+        },
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}},
+    },
+}
+
 FlagKey = Annotated[str, Path(min_length=1, max_length=200)]
 EnvKey = Annotated[str, Path(min_length=1, max_length=100)]
 JsonBody = Annotated[dict[str, Any], Body()]
@@ -256,8 +274,9 @@ def ofrep_all_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
 class Streams:
     """Server-sent event streams of ruleset changes, one queue per connected client."""
 
-    def __init__(self, service: FlagsService) -> None:
+    def __init__(self, service: FlagsService, max_seconds: float) -> None:
         self.service = service
+        self.max_seconds = max_seconds  # then the client reconnects (to any process)
         self.queues: dict[str, set[asyncio.Queue[bytes | None]]] = {}
         service.listeners.add(self.on_change)
 
@@ -299,9 +318,11 @@ class Streams:
                     + doc
                     + b"\n\n"
                 )
-            while True:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.max_seconds
+            while (left := deadline - loop.time()) > 0:
                 try:
-                    frame = await asyncio.wait_for(queue.get(), PING_SECONDS)
+                    frame = await asyncio.wait_for(queue.get(), min(PING_SECONDS, left))
                 except TimeoutError:
                     yield b": ping\n\n"
                     continue
@@ -378,11 +399,24 @@ def build_router(
     async def evaluate(request: Request, body: JsonBody, _: Principal = reader) -> Response:
         return await lean_response(lean["evaluate"], request)
 
-    @router.post(OFREP_ONE, tags=["ofrep"], summary="OFREP: evaluate one flag")
+    @router.post(
+        OFREP_ONE,
+        tags=["ofrep"],
+        summary="OFREP: evaluate one flag",
+        responses={400: OFREP_ERROR_RESPONSE, 404: OFREP_ERROR_RESPONSE},
+    )
     async def ofrep_one(request: Request, key: FlagKey, _: Principal = reader) -> Response:
         return await lean_response(lean["ofrep_one"], request)
 
-    @router.post(OFREP_ALL, tags=["ofrep"], summary="OFREP: evaluate every flag (ETag, 304)")
+    @router.post(
+        OFREP_ALL,
+        tags=["ofrep"],
+        summary="OFREP: evaluate every flag (ETag, 304)",
+        responses={
+            304: {"description": "unchanged since the ETag sent"},
+            400: OFREP_ERROR_RESPONSE,
+        },
+    )
     async def ofrep_all(request: Request, _: Principal = reader) -> Response:
         return await lean_response(lean["ofrep_all"], request)
 
@@ -549,7 +583,11 @@ def build_router(
         segs = await service.store.segments()
         return {"segments": [s.to_dict() for s in segs]}
 
-    @router.put("/api/v1/flags/segments/{segment_key}", summary="Create or replace a segment")
+    @router.put(
+        "/api/v1/flags/segments/{segment_key}",
+        summary="Create or replace a segment",
+        responses={201: {"description": "the segment was created"}},
+    )
     async def put_segment(
         segment_key: FlagKey, body: JsonBody, response: Response, principal: Principal = writer
     ) -> dict[str, Any]:
@@ -849,7 +887,7 @@ def service_for(runtime: Runtime) -> FlagsService:
 
 def mount(runtime: Runtime) -> Mount:
     service = service_for(runtime)
-    streams = Streams(service)
+    streams = Streams(service, runtime.settings.flags_stream_max_seconds)
     lean = {
         "evaluate": evaluate_handler(service, runtime),
         "ofrep_one": ofrep_one_handler(service, runtime),

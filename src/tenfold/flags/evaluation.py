@@ -4,7 +4,7 @@ An environment's ruleset (every flag with its targeting there, and every segment
 once into closures and prebuilt answers, so that evaluating a flag allocates nothing but the
 bucket of a roll-out.
 
-Bucketing, version 1 (docs/flags.md has test vectors for other SDKs):
+Bucketing, version 1 (docs/flags-bucketing.md has test vectors for other SDKs):
     bucket = int.from_bytes(sha256(utf8(salt + ":" + value)).digest()[:8], "big") % 100_000
 where `salt` is the flag's salt (its key unless set) and `value` the bucketing attribute as
 text (a string as is, an integer in decimal, `true`/`false`). A user is in a roll-out of p%
