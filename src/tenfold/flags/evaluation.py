@@ -14,6 +14,7 @@ in the order listed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -103,11 +104,27 @@ def bucket(salt: str, value: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKET_SCALE
 
 
+def bucketer(salt: str) -> Callable[[str], int]:
+    """`bucket` for one salt, with the salt's hash state computed once."""
+    prefix = hashlib.sha256(f"{salt}:".encode())
+    from_bytes = int.from_bytes
+
+    def bucket_of(value: str) -> int:
+        h = prefix.copy()
+        h.update(value.encode())
+        return from_bytes(h.digest()[:8], "big") % BUCKET_SCALE
+
+    return bucket_of
+
+
 def attribute_getter(name: str) -> Callable[[Context], Any]:
     """Reads `name` from a context: a top-level key, else a dotted path into nested objects.
     `user_id` and OpenFeature's `targetingKey` stand in for each other."""
     alias = {"user_id": "targetingKey", "targetingKey": "user_id"}.get(name)
     path = tuple(name.split(".")) if "." in name else ()
+
+    if alias is None and not path:
+        return lambda ctx: ctx.get(name)
 
     def get(ctx: Context) -> Any:
         value = ctx.get(name)
@@ -165,7 +182,7 @@ def _scalar_test(cond: Condition) -> Callable[[Any], bool]:
         keys = [semver_key(v) for v in values]
 
         def semver(x: Any) -> bool:
-            k = semver_key(x)
+            k = _semver_cached(x) if isinstance(x, str) and len(x) <= 64 else None
             return k is not None and any(compare(k, v) for v in keys)
 
         return semver
@@ -179,6 +196,9 @@ def _scalar_test(cond: Condition) -> Callable[[Any], bool]:
 
         return when
     raise ValueError(f"unsupported operator {op!r}")
+
+
+_semver_cached = functools.lru_cache(maxsize=4096)(semver_key)  # app versions repeat
 
 
 def _eq(a: Any, b: Any) -> bool:
@@ -269,6 +289,7 @@ class CompiledFlag:
         "prerequisites",
         "rules",
         "salt",
+        "salted",
         "targeting",
         "version",
     )
@@ -283,6 +304,7 @@ class CompiledFlag:
         self.flag, self.targeting, self.version = flag, targeting, version
         self.enabled = targeting.enabled
         self.salt = flag.salt or flag.key
+        self.salted = bucketer(self.salt)
         self.get_bucket_value = attribute_getter(flag.bucket_by)
         key = flag.key
         default_var = flag.default_variation
@@ -348,7 +370,7 @@ class CompiledFlag:
 
     def bucket_of(self, ctx: Context) -> int | None:
         text = bucket_text(self.get_bucket_value(ctx))
-        return None if text is None else bucket(self.salt, text)
+        return None if text is None else self.salted(text)
 
     def evaluate(
         self, ctx: Context, flags: Mapping[str, CompiledFlag], depth: int = 0
