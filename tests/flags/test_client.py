@@ -1,13 +1,23 @@
 """The flags SDK: event-stream parsing, bootstrap and offline use, typed getters, patches,
-usage and exposures without a server."""
+usage and exposures without a server; then against a real server in a child process: the
+initial load, changes through the stream, polling, reports, a restart, a fork."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import select
 import socket
+import subprocess
+import sys
 import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -29,6 +39,7 @@ from tenfold.flags.evaluation import (
     Ruleset,
     bucket,
 )
+from tests.backends import SqliteTemplate, free_port, wait_ready
 
 
 def flag(
@@ -476,3 +487,333 @@ def test_an_unreachable_server_serves_the_bootstrap_and_turns_stale() -> None:
     assert stale.wait(5) and flags.stale and not flags.ready
     assert flags.last_error is not None and flags.last_error.status is None
     flags.close()
+
+
+# --- against a real server -------------------------------------------------------------------
+
+
+class Server:
+    """A tenfold server (flags only) in a child process, restartable on the same port and
+    database; `admin` calls its admin API with the admin key it created."""
+
+    def __init__(self, directory: Path, database_url: str) -> None:
+        self.data_dir = directory / "data"
+        self.database_url = database_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = os.environ | {
+            "TENFOLD_DATA_DIR": str(self.data_dir),
+            "TENFOLD_DATABASE_URL": self.database_url,
+            "TENFOLD_REDIS_URL": "",
+            "TENFOLD_SERVICES": "flags",
+            "TENFOLD_LOG_LEVEL": "warning",
+            "TENFOLD_GC_FREEZE": "false",
+        }
+        cmd = [sys.executable, "-m", "uvicorn", "tenfold.app:build_app", "--factory"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, env=env)
+        asyncio.run(wait_ready(self.url, self.proc))
+
+    def kill(self) -> None:
+        """A crash: open streams end at once (a graceful stop waits for them to close)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin.key").read_text().strip()
+
+    def admin(self, method: str, path: str, body: Any = None) -> Any:
+        response = httpx.request(
+            method,
+            self.url + path,
+            json=body,
+            headers={"X-API-Key": self.admin_key},
+            timeout=10,
+        )
+        assert response.status_code < 300, response.text
+        return response.json() if response.content else None
+
+    def sdk_key(self, environment: str = "production") -> str:
+        """A key with flags:read only, bound to `environment`."""
+        return str(self.admin("POST", f"/api/v1/flags/environments/{environment}/keys")["api_key"])
+
+    def boolean_flag(self, key: str, targeting: dict[str, Any]) -> None:
+        self.admin(
+            "POST",
+            "/api/v1/flags",
+            {"flag_key": key, "name": key, "flag_type": "boolean", "default_value": False},
+        )
+        self.admin("PUT", f"/api/v1/flags/{key}/environments/production", targeting)
+
+    def toggle(self, key: str, enabled: bool) -> None:
+        body = {"environment": "production", "enabled": enabled}
+        assert self.admin("POST", f"/api/v1/flags/{key}/toggle", body)["status"] == "applied"
+
+
+@contextmanager
+def running_server(sqlite_template: SqliteTemplate, directory: Path) -> Iterator[Server]:
+    server = Server(directory, sqlite_template.clone(directory / "db" / "tenfold.db"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def server(
+    sqlite_template: SqliteTemplate, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with running_server(sqlite_template, tmp_path_factory.mktemp("flags-server")) as s:
+        yield s
+
+
+class Changes:
+    """The keys a client announced as changed, waited for with a timeout."""
+
+    def __init__(self, flags: FlagsClient) -> None:
+        self.keys: list[frozenset[str]] = []
+        self._event = threading.Event()
+        flags.on_change(self._heard)
+
+    def _heard(self, keys: frozenset[str]) -> None:
+        self.keys.append(keys)
+        self._event.set()
+
+    def wait_for(self, key: str, timeout: float = 10.0) -> None:
+        while not any(key in keys for keys in self.keys):
+            assert self._event.wait(timeout), f"no change of {key!r} within {timeout} s"
+            self._event.clear()
+
+
+# A flag that serves `on` when enabled: toggling it is visible in evaluations.
+ON_WHEN_ENABLED = {"enabled": False, "default_rule": {"variation": "on"}, "off_variation": "off"}
+
+
+@pytest.mark.slow
+def test_initial_load_then_changes_arrive_through_the_stream(
+    server: Server, tmp_path: Path
+) -> None:
+    server.boolean_flag("sdk-toggle", ON_WHEN_ENABLED)
+    flags = FlagsClient(server.url, server.sdk_key())  # the key's environment: production
+    changes = Changes(flags)
+    try:
+        assert flags.start(wait=10) and flags.ready and not flags.stale
+        assert flags.ruleset is not None and flags.ruleset.environment == "production"
+        assert any("sdk-toggle" in keys for keys in changes.keys)  # the first load counts
+        first = flags.revision
+        off = flags.boolean_details("sdk-toggle", "u-1", True)
+        assert (off.value, off.reason) == (False, DISABLED)
+
+        changes.keys.clear()
+        server.toggle("sdk-toggle", True)
+        changes.wait_for("sdk-toggle")
+        assert flags.boolean("sdk-toggle", "u-1", False) is True
+        assert flags.revision is not None and first is not None and flags.revision > first
+
+        # a segment change reaches the flag using it; a deleted flag is gone
+        server.admin("PUT", "/api/v1/flags/segments/sdk-beta", {"included": ["u-1"]})
+        server.boolean_flag(
+            "sdk-beta-only",
+            {
+                "enabled": True,
+                "rules": [
+                    {
+                        "conditions": [{"operator": "in_segment", "values": ["sdk-beta"]}],
+                        "variation": "on",
+                    }
+                ],
+                "default_rule": {"variation": "off"},
+            },
+        )
+        changes.wait_for("sdk-beta-only")
+        assert flags.boolean("sdk-beta-only", "u-1", False) is True
+        assert flags.boolean("sdk-beta-only", "u-2", True) is False
+        changes.keys.clear()
+        server.admin("PUT", "/api/v1/flags/segments/sdk-beta", {"included": ["u-2"]})
+        changes.wait_for("sdk-beta-only")
+        assert flags.boolean("sdk-beta-only", "u-2", False) is True
+
+        changes.keys.clear()
+        server.admin("DELETE", "/api/v1/flags/sdk-toggle")
+        changes.wait_for("sdk-toggle")
+        assert flags.boolean_details("sdk-toggle", "u-1", True).error_code == FLAG_NOT_FOUND
+
+        # what it saves, an offline client serves
+        flags.save(tmp_path / "flags.json")
+        offline = FlagsClient(offline=True, bootstrap=tmp_path / "flags.json")
+        assert offline.revision == flags.revision
+        assert offline.boolean("sdk-beta-only", "u-2", False) is True
+        assert flags.last_error is None
+    finally:
+        flags.close()
+
+
+@pytest.mark.slow
+def test_polling_follows_changes_too(server: Server) -> None:
+    server.boolean_flag("sdk-polled", ON_WHEN_ENABLED)
+    flags = FlagsClient(server.url, server.sdk_key(), stream=False, poll_interval=0.05)
+    try:
+        assert flags.start(wait=10)
+        changes = Changes(flags)  # after the first load
+        assert flags._etag is not None
+        server.toggle("sdk-polled", True)
+        changes.wait_for("sdk-polled")
+        assert flags.boolean("sdk-polled", "u-1", False) is True
+    finally:
+        flags.close()
+
+
+@pytest.mark.slow
+def test_a_refused_key_stops_for_good_and_start_returns_at_once(server: Server) -> None:
+    flags = FlagsClient(server.url, "tf_not_a_key", bootstrap=BASIC)
+    stale = threading.Event()
+    flags.on_stale(lambda now: stale.set() if now else None)
+    try:
+        assert flags.start(wait=30) is False
+        assert stale.wait(5) and flags.stale
+        assert flags.last_error is not None and flags.last_error.status == 401
+        assert flags.boolean("dark-mode", "u-1", False) is True  # the bootstrap still serves
+    finally:
+        flags.close()
+
+
+@pytest.mark.slow
+def test_usage_exposures_conversions_and_guard_reports_reach_the_server(server: Server) -> None:
+    split = {
+        "enabled": True,
+        "default_rule": {
+            "split": [{"variation": "on", "weight": 50}, {"variation": "off", "weight": 50}]
+        },
+    }
+    server.boolean_flag("sdk-exp", split)
+    server.admin(
+        "POST",
+        "/api/v1/experiments",
+        {
+            "experiment_key": "sdk-exp-1",
+            "flag_key": "sdk-exp",
+            "environment": "production",
+            "metric": "signup",
+            "sample_rate": 0.5,
+        },
+    )
+    guarded = {**ON_WHEN_ENABLED, "enabled": True}
+    guarded["guard"] = {"threshold": 0.1, "min_requests": 10, "window_seconds": 60}
+    server.boolean_flag("sdk-guarded", guarded)
+    flags = FlagsClient(server.url, server.sdk_key(), usage_interval=3600)
+    try:
+        assert flags.start(wait=10)
+        changes = Changes(flags)  # after the first load
+        assert flags._experiments == {"sdk-exp": 0.5}
+        users = [f"user-{i}" for i in range(200)]
+        served = {u: flags.boolean_details("sdk-exp", u, False).variation for u in users}
+        for u in users:
+            flags.boolean("sdk-exp", u, False)  # exposures are sent once per user
+        sampled = [u for u in users if bucket("exposure:sdk-exp", u) < 50_000]
+        converted = sampled[::4]
+        for u in converted:
+            flags.track("signup", u)
+        flags.report("sdk-guarded", requests=20, errors=10)
+        flags.flush()
+        assert flags.last_error is None and flags.dropped_events == 0
+
+        results = server.admin("GET", "/api/v1/experiments/sdk-exp-1/results")
+        by_variation = {v["variation"]: v for v in results["variations"]}
+        for variation in ("on", "off"):
+            assert by_variation[variation]["exposures"] == sum(
+                1 for u in sampled if served[u] == variation
+            )
+            assert by_variation[variation]["conversions"] == sum(
+                1 for u in converted if served[u] == variation
+            )
+
+        # the guard breached: the server turned the flag off, and the stream says so
+        changes.wait_for("sdk-guarded")
+        assert flags.boolean_details("sdk-guarded", "u-1", True).reason == DISABLED
+    finally:
+        flags.close()
+
+
+@pytest.mark.slow
+def test_the_stream_resumes_after_a_server_restart_with_last_event_id(
+    sqlite_template: SqliteTemplate, tmp_path: Path
+) -> None:
+    with running_server(sqlite_template, tmp_path) as server:
+        server.boolean_flag("sdk-restart", ON_WHEN_ENABLED)
+        flags = FlagsClient(server.url, server.sdk_key(), stale_after=0.2, reconnect_delay=0.05)
+        puts: list[int] = []
+        apply_put = flags._apply_put
+
+        def counting_put(doc: Any) -> None:
+            puts.append(int(doc["revision"]))
+            apply_put(doc)
+
+        flags._apply_put = counting_put  # type: ignore[method-assign]
+        stale, fresh = threading.Event(), threading.Event()
+        flags.on_stale(lambda now: (stale if now else fresh).set())
+        try:
+            assert flags.start(wait=10)
+            changes = Changes(flags)  # after the first load
+            held = flags.revision
+            server.kill()
+            assert stale.wait(10) and flags.stale
+            assert flags.boolean("sdk-restart", "u-1", True) is False  # served while down
+            server.start()
+            assert fresh.wait(30) and not flags.stale
+            server.toggle("sdk-restart", True)
+            changes.wait_for("sdk-restart")
+            assert flags.boolean("sdk-restart", "u-1", False) is True
+            # one full ruleset (the first load): the reconnection sent Last-Event-ID and the
+            # server, at that revision still, sent no put
+            assert puts == [held]
+        finally:
+            flags.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_forked_child_opens_its_own_stream_and_sees_later_changes(server: Server) -> None:
+    server.boolean_flag("sdk-fork", ON_WHEN_ENABLED)
+    flags = FlagsClient(server.url, server.sdk_key())
+    assert flags.start(wait=10)
+    parent_changes = Changes(flags)
+    flags.boolean("sdk-fork", "u-1", True)  # a count the child must not send again
+    child_ready_r, child_ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: exit with 0 only if it saw the toggle through its own stream
+        status = 1
+        try:
+            os.close(child_ready_r)
+            inherited = {t.ident for t in threading.enumerate()}
+            assert flags._usage == {} and flags._http_client is None
+            seen = threading.Event()
+            flags.on_change(lambda keys: seen.set() if "sdk-fork" in keys else None)
+            assert flags.boolean("sdk-fork", "u-1", True) is False  # starts the stream
+            assert any(t.ident not in inherited for t in flags._threads)
+            os.write(child_ready_w, b"1")
+            if seen.wait(15) and flags.boolean("sdk-fork", "u-1", False) is True:
+                status = 0
+            flags.close()
+        except BaseException:
+            traceback.print_exc()
+            status = 2
+        finally:
+            os._exit(status)
+    os.close(child_ready_w)
+    try:
+        ready, _, _ = select.select([child_ready_r], [], [], 15)
+        assert ready and os.read(child_ready_r, 1) == b"1", "the child did not start"
+        server.toggle("sdk-fork", True)
+        parent_changes.wait_for("sdk-fork")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert flags.boolean("sdk-fork", "u-1", False) is True
+    finally:
+        os.close(child_ready_r)
+        flags.close()

@@ -925,8 +925,10 @@ class FlagsClient:
             self._notify_stale(False)
 
     def _give_up(self) -> None:
-        """The server refused for good: what is served now will not be refreshed."""
+        """The server refused for good: what is served now will not be refreshed (and `start`
+        stops waiting)."""
         self._down_since = self._down_since or self._clock()
+        self._ready_event.set()
         if not self._stale:
             self._stale = True
             self._notify_stale(True)
