@@ -411,3 +411,24 @@ async def test_ofrep_single_bulk_and_etag(flags_api: Any) -> None:
 
         r = await api.http.get("/ofrep/v1/configuration", headers=api.admin)
         assert r.json()["name"] == "tenfold"
+
+
+async def test_server_sdk_and_a_restarted_server_give_a_user_the_same_answer(
+    flags_api: Any,
+) -> None:
+    from tenfold.flags.evaluation import Ruleset
+
+    users = [{"user_id": f"user-{i}", "country": "DE", "app_version": "2.0.1"} for i in range(300)]
+    async with flags_api() as api:
+        await api.create("same")
+        split = [{"variation": "on", "weight": 30.5}, {"variation": "off", "weight": 69.5}]
+        r = await api.target("same", enabled=True, rules=RULES, default_rule={"split": split})
+        assert r.status_code == 200, r.text
+        before = [(await api.evaluate(["same"], u))["same"]["variation"] for u in users]
+        doc = (await api.http.get("/api/v1/flags/ruleset", headers=api.admin)).json()
+    sdk = Ruleset.from_dict(doc)  # what every SDK evaluates with
+    assert [sdk.evaluate("same", u).variation for u in users] == before
+    assert 0 < before.count("on") < 300
+    async with flags_api() as api:  # a fresh process over the same database
+        after = [(await api.evaluate(["same"], u))["same"]["variation"] for u in users]
+    assert after == before
