@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -489,6 +490,25 @@ def test_an_unreachable_server_serves_the_bootstrap_and_turns_stale() -> None:
     flags.close()
 
 
+def test_after_fork_the_child_starts_once_whoever_asks_first() -> None:
+    flags = FlagsClient(CLOSED_URL, "key", bootstrap=BASIC, reconnect_delay=10)
+    flags.start(wait=0)
+    flags.boolean("dark-mode", "u-1", False)
+    parents_stop = flags._stop
+    flags._after_fork()  # what the at-fork hook does in a child
+    try:
+        assert flags._usage == {} and flags._threads == [] and flags._http_client is None
+        assert flags.boolean("dark-mode", "u-1", False) is True  # the inherited ruleset
+        threads = flags._threads
+        assert len(threads) == 2 and all(t.is_alive() for t in threads)
+        flags.start(wait=0)
+        flags.evaluate("dark-mode", "u-1")
+        assert flags._threads is threads  # started once
+    finally:
+        parents_stop.set()  # (here the "parent's" threads share this process)
+        flags.close()
+
+
 # --- against a real server -------------------------------------------------------------------
 
 
@@ -574,7 +594,7 @@ def server(
 
 
 class Changes:
-    """The keys a client announced as changed, waited for with a timeout."""
+    """Waits, with a timeout, for what the client's change notifications should bring about."""
 
     def __init__(self, flags: FlagsClient) -> None:
         self.keys: list[frozenset[str]] = []
@@ -585,9 +605,12 @@ class Changes:
         self.keys.append(keys)
         self._event.set()
 
-    def wait_for(self, key: str, timeout: float = 10.0) -> None:
-        while not any(key in keys for keys in self.keys):
-            assert self._event.wait(timeout), f"no change of {key!r} within {timeout} s"
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Check `condition` after each change until it holds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            left = deadline - time.monotonic()
+            assert left > 0 and self._event.wait(left), f"not so within {timeout} s"
             self._event.clear()
 
 
@@ -612,8 +635,8 @@ def test_initial_load_then_changes_arrive_through_the_stream(
 
         changes.keys.clear()
         server.toggle("sdk-toggle", True)
-        changes.wait_for("sdk-toggle")
-        assert flags.boolean("sdk-toggle", "u-1", False) is True
+        changes.wait_until(lambda: flags.boolean("sdk-toggle", "u-1", False))
+        assert changes.keys == [frozenset({"sdk-toggle"})]
         assert flags.revision is not None and first is not None and flags.revision > first
 
         # a segment change reaches the flag using it; a deleted flag is gone
@@ -631,18 +654,15 @@ def test_initial_load_then_changes_arrive_through_the_stream(
                 "default_rule": {"variation": "off"},
             },
         )
-        changes.wait_for("sdk-beta-only")
-        assert flags.boolean("sdk-beta-only", "u-1", False) is True
+        changes.wait_until(lambda: flags.boolean("sdk-beta-only", "u-1", False))
         assert flags.boolean("sdk-beta-only", "u-2", True) is False
         changes.keys.clear()
         server.admin("PUT", "/api/v1/flags/segments/sdk-beta", {"included": ["u-2"]})
-        changes.wait_for("sdk-beta-only")
-        assert flags.boolean("sdk-beta-only", "u-2", False) is True
+        changes.wait_until(lambda: flags.boolean("sdk-beta-only", "u-2", False))
+        assert changes.keys == [frozenset({"sdk-beta-only"})]  # through the segment
 
-        changes.keys.clear()
         server.admin("DELETE", "/api/v1/flags/sdk-toggle")
-        changes.wait_for("sdk-toggle")
-        assert flags.boolean_details("sdk-toggle", "u-1", True).error_code == FLAG_NOT_FOUND
+        changes.wait_until(lambda: flags.evaluate("sdk-toggle", "u-1").error_code == FLAG_NOT_FOUND)
 
         # what it saves, an offline client serves
         flags.save(tmp_path / "flags.json")
@@ -663,8 +683,7 @@ def test_polling_follows_changes_too(server: Server) -> None:
         changes = Changes(flags)  # after the first load
         assert flags._etag is not None
         server.toggle("sdk-polled", True)
-        changes.wait_for("sdk-polled")
-        assert flags.boolean("sdk-polled", "u-1", False) is True
+        changes.wait_until(lambda: flags.boolean("sdk-polled", "u-1", False))
     finally:
         flags.close()
 
@@ -734,8 +753,7 @@ def test_usage_exposures_conversions_and_guard_reports_reach_the_server(server: 
             )
 
         # the guard breached: the server turned the flag off, and the stream says so
-        changes.wait_for("sdk-guarded")
-        assert flags.boolean_details("sdk-guarded", "u-1", True).reason == DISABLED
+        changes.wait_until(lambda: flags.evaluate("sdk-guarded", "u-1").reason == DISABLED)
     finally:
         flags.close()
 
@@ -767,8 +785,7 @@ def test_the_stream_resumes_after_a_server_restart_with_last_event_id(
             server.start()
             assert fresh.wait(30) and not flags.stale
             server.toggle("sdk-restart", True)
-            changes.wait_for("sdk-restart")
-            assert flags.boolean("sdk-restart", "u-1", False) is True
+            changes.wait_until(lambda: flags.boolean("sdk-restart", "u-1", False))
             # one full ruleset (the first load): the reconnection sent Last-Event-ID and the
             # server, at that revision still, sent no put
             assert puts == [held]
@@ -792,14 +809,13 @@ def test_a_forked_child_opens_its_own_stream_and_sees_later_changes(server: Serv
             os.close(child_ready_r)
             inherited = {t.ident for t in threading.enumerate()}
             assert flags._usage == {} and flags._http_client is None
-            seen = threading.Event()
-            flags.on_change(lambda keys: seen.set() if "sdk-fork" in keys else None)
+            changes = Changes(flags)
             assert flags.boolean("sdk-fork", "u-1", True) is False  # starts the stream
             assert any(t.ident not in inherited for t in flags._threads)
             os.write(child_ready_w, b"1")
-            if seen.wait(15) and flags.boolean("sdk-fork", "u-1", False) is True:
-                status = 0
+            changes.wait_until(lambda: flags.boolean("sdk-fork", "u-1", False), timeout=15)
             flags.close()
+            status = 0
         except BaseException:
             traceback.print_exc()
             status = 2
@@ -810,7 +826,7 @@ def test_a_forked_child_opens_its_own_stream_and_sees_later_changes(server: Serv
         ready, _, _ = select.select([child_ready_r], [], [], 15)
         assert ready and os.read(child_ready_r, 1) == b"1", "the child did not start"
         server.toggle("sdk-fork", True)
-        parent_changes.wait_for("sdk-fork")
+        parent_changes.wait_until(lambda: flags.boolean("sdk-fork", "u-1", False))
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert flags.boolean("sdk-fork", "u-1", False) is True

@@ -1,4 +1,5 @@
-"""The OpenFeature provider, through OpenFeature's own API, without a server."""
+"""The OpenFeature provider, through OpenFeature's own API: without a server, then against a
+real one (the SDK's tests start it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,18 @@ from openfeature.track import TrackingEventDetails
 
 from tenfold.flags.client import FlagsClient
 from tenfold.flags.provider import TenfoldProvider, to_context
-from tests.flags.test_client import BASIC, CLOSED_URL, document, flag, on_for, patch, put
+from tests.backends import SqliteTemplate
+from tests.flags.test_client import (
+    BASIC,
+    CLOSED_URL,
+    ON_WHEN_ENABLED,
+    document,
+    flag,
+    on_for,
+    patch,
+    put,
+    running_server,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -275,3 +288,43 @@ def test_without_openfeature_the_import_says_what_to_install(
 def test_the_sdk_itself_does_not_import_openfeature() -> None:
     code = "import sys, tenfold.flags.client; assert 'openfeature' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_through_a_real_server_changes_staleness_and_recovery(
+    sqlite_template: SqliteTemplate, tmp_path: Path
+) -> None:
+    with running_server(sqlite_template, tmp_path) as server:
+        server.boolean_flag("of-toggle", ON_WHEN_ENABLED)
+        provider = TenfoldProvider(
+            base_url=server.url,
+            api_key=server.sdk_key(),
+            stale_after=0.2,
+            reconnect_delay=0.05,
+        )
+        changed = Events(ProviderEvent.PROVIDER_CONFIGURATION_CHANGED)
+        stale = Events(ProviderEvent.PROVIDER_STALE)
+        ready = Events(ProviderEvent.PROVIDER_READY)
+        try:
+            api.set_provider_and_wait(provider)
+            ready.wait()
+            client = api.get_client()
+            user = EvaluationContext("u-1", {"plan": "pro"})
+            off = client.get_boolean_details("of-toggle", True, user)
+            assert (off.value, off.variant, off.reason) == (False, "off", Reason.DISABLED)
+
+            server.toggle("of-toggle", True)
+            assert changed.wait()[0].flags_changed == ["of-toggle"]
+            on = client.get_boolean_details("of-toggle", False, user)
+            assert (on.value, on.variant, on.reason) == (True, "on", Reason.STATIC)
+
+            server.kill()
+            stale.wait()
+            assert client.get_provider_status() == ProviderStatus.STALE
+            assert client.get_boolean_value("of-toggle", False, user) is True  # still served
+            server.start()
+            ready.wait(2, timeout=30)
+            assert client.get_provider_status() == ProviderStatus.READY
+        finally:
+            for events in (changed, stale, ready):
+                events.close()

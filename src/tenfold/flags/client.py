@@ -433,6 +433,7 @@ class FlagsClient:
                 raise RuntimeError("the FlagsClient is closed")
             if not self._started:
                 self._started = True
+                self._restart_pending = False
                 self._down_since = self._clock()
                 self._spawn()
         if wait > 0:
@@ -491,7 +492,7 @@ class FlagsClient:
 
     def _resume_after_fork(self) -> None:
         with self._start_lock:
-            if not self._restart_pending:
+            if not self._restart_pending or self._started:
                 return
             self._restart_pending = False
             self._started = True
