@@ -29,6 +29,8 @@ app = typer.Typer(
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
+GRACEFUL_STOP_SECONDS = 5  # requests still open when a stop begins get this long
+
 console = Console()
 
 
@@ -136,6 +138,9 @@ def serve(
         access_log=False,
         proxy_headers=False,
         server_header=False,
+        # Open SDK event streams would otherwise hold a stop for their whole lifetime; SDKs
+        # reconnect to another process with Last-Event-ID.
+        timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS,
     )
 
 
