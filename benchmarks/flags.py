@@ -1,9 +1,18 @@
-"""Feature flag benchmarks: tenfold's local evaluation against Unleash and GrowthBook, in one run.
+"""Feature flag benchmarks: local evaluation against Unleash and GrowthBook, the evaluation API
+against the HTTP ceiling, and propagation of a change to connected SDKs, in one run.
 
 * local-ruleset-vs-<peer>: one boolean flag with three targeting rules and a roll-out, evaluated
   in process for 10,000 precomputed user contexts (cycled through), by tenfold's
   `Ruleset.evaluate` and by each peer SDK doing the equivalent evaluation locally from a
   bootstrapped definition, with no server and no network.
+* ceiling-uvicorn / ceiling-granian: the bare-ASGI ceiling (benchmarks/http.py);
+  evaluate-<server>: `POST /api/v1/evaluate` for ten flags on one granian and one uvicorn process
+  (embedded tenfold, flags only), from 1,000 distinct users under wrk: >= 40 % of the ceiling's
+  requests/s and p99 < 5 ms at 10 connections.
+* propagation-sdk-stream: 20 `FlagsClient`s following `GET /api/v1/flags/stream` while a flag is
+  toggled on and off through `POST /api/v1/flags/{key}/toggle`; per client and toggle, the time
+  from just before the toggle request to the client's `on_change` seeing the new value: p99 < 1 s
+  (the spec asks for 30 s; no peer).
 
 Sides are built by the functions in `OURS` and `PEERS`; another way of evaluating (tenfold's SDK
 client, say) is one more builder in `OURS`, and every one of ours is compared with every peer.
@@ -19,18 +28,29 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import random
+import shutil
 import socket
 import statistics
+import subprocess
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+from benchmarks import http as bench_http
 from benchmarks._runner import log, percentile_ms, result
+from benchmarks._wrk import WrkResult, ensure_wrk, parse
+from benchmarks.sessions import _admin_key, _tenfold
+
+T = TypeVar("T")
 
 FLAG_KEY = "checkout-v2"
 CONTEXTS = 10_000
@@ -796,7 +816,628 @@ def local_evaluation(quick: bool) -> list[dict[str, Any]]:
     return records
 
 
-SECTIONS: tuple[Callable[[bool], list[dict[str, Any]]], ...] = (local_evaluation,)
+# --- over HTTP: POST /api/v1/evaluate, and propagation to connected SDK clients --------------
+
+EVALUATE_PATH = "/api/v1/evaluate"
+ENVIRONMENT = "production"
+HTTP_TARGET_SHARE = 0.40  # of the HTTP ceiling, requests/s of one process at 50 connections
+HTTP_TARGET_P99_MS = 5.0  # at 10 connections
+HTTP_SERVERS: tuple[bench_http.Server, ...] = ("granian", "uvicorn")
+BODIES = 1_000  # distinct user contexts the wrk requests rotate through
+CHECKED_BODIES = 200  # of them, answered once before the load and compared with the ruleset
+
+PROPAGATION_SERVER: bench_http.Server = "uvicorn"  # the server `tenfold serve` runs
+PROPAGATION_FLAG = "ops-kill-switch"  # serves on while enabled, off while disabled
+PROPAGATION_CONTEXT = {"user_id": "sdk-watcher"}
+SDK_CLIENTS = 20
+PROPAGATION_TARGET_P99_MS = 1_000.0  # this benchmark's own target
+PROPAGATION_SPEC_MS = 30_000.0  # the spec's: a change reaches every connected SDK within 30 s
+TOGGLE_TIMEOUT_S = 10.0  # per toggle, for all clients to see it
+MAX_TIMEOUTS = 3  # toggles that time out before the run is abandoned
+WARMUP_TOGGLES = 2  # not timed: every client's stream is open and has delivered a patch
+
+# wrk: one pre-built request per user context (a JSON body a line in WRK_BODIES), built once
+# per thread in init(), so wrk's per-request cost is a table lookup; threads start apart.
+EVALUATE_LUA = """
+local requests = {}
+local n = 0
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function init(args)
+  local headers = {["Content-Type"] = "application/json", ["X-API-Key"] = os.getenv("WRK_KEY")}
+  for line in io.lines(os.getenv("WRK_BODIES")) do
+    if line ~= "" then
+      requests[#requests + 1] = wrk.format("POST", nil, headers, line)
+    end
+  end
+  n = ((tid or 1) - 1) * 500 % #requests
+end
+function request()
+  n = n % #requests + 1
+  return requests[n]
+end
+"""
+
+
+def _boolean(key: str) -> dict[str, Any]:
+    return {"flag_key": key, "flag_type": "boolean", "default_value": False}
+
+
+def _string(key: str, *values: str) -> dict[str, Any]:
+    return {
+        "flag_key": key,
+        "flag_type": "string",
+        "default_value": values[0],
+        "variations": [{"key": v, "value": v} for v in values],
+    }
+
+
+def _split(**weights: int) -> dict[str, Any]:
+    return {"split": [{"variation": v, "weight": w} for v, w in weights.items()]}
+
+
+def _cond(attribute: str, operator: str, *values: str) -> dict[str, Any]:
+    return {"attribute": attribute, "operator": operator, "values": list(values)}
+
+
+# Ten flags, each (definition for POST /api/v1/flags, production targeting for PUT), all
+# enabled: two with three rules and a roll-out, booleans serving on or off to everyone or by
+# one rule, a 10% roll-out, and two string splits.
+HTTP_FLAGS: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = (
+    (_boolean(FLAG_KEY), json.loads(json.dumps(TENFOLD_DOC["flags"][0]["targeting"]))),
+    (
+        _boolean("search-v3"),
+        {
+            "enabled": True,
+            "rules": [
+                {
+                    "id": "enterprise",
+                    "conditions": [_cond("plan", "in", "enterprise")],
+                    "variation": "on",
+                },
+                {
+                    "id": "us-gb-v23",
+                    "conditions": [
+                        _cond("country", "in", "US", "GB"),
+                        _cond("app_version", "semver_gte", "2.3.0"),
+                    ],
+                    "variation": "on",
+                    "rollout_percentage": 25,
+                },
+                {
+                    "id": "testers",
+                    "conditions": [_cond("email", "ends_with", "@corp.test")],
+                    "variation": "on",
+                },
+            ],
+            "default_rule": _split(on=10, off=90),
+        },
+    ),
+    (_boolean("dark-mode"), {"enabled": True, "default_rule": {"variation": "on"}}),
+    (_boolean("legacy-api"), {"enabled": True, "default_rule": {"variation": "off"}}),
+    (_boolean(PROPAGATION_FLAG), {"enabled": True, "default_rule": {"variation": "on"}}),
+    (
+        _boolean("new-onboarding"),
+        {
+            "enabled": True,
+            "rules": [
+                {"id": "pro", "conditions": [_cond("plan", "equals", "pro")], "variation": "on"}
+            ],
+            "default_rule": {"variation": "off"},
+        },
+    ),
+    (
+        _boolean("cookie-banner-eu"),
+        {
+            "enabled": True,
+            "rules": [
+                {
+                    "id": "eu",
+                    "conditions": [_cond("country", "in", "DE", "FR", "GB")],
+                    "variation": "on",
+                }
+            ],
+            "default_rule": {"variation": "off"},
+        },
+    ),
+    (_boolean("recommendations-v2"), {"enabled": True, "default_rule": _split(on=10, off=90)}),
+    (
+        _string("button-colour", "blue", "green", "red"),
+        {"enabled": True, "default_rule": _split(blue=50, green=30, red=20)},
+    ),
+    (
+        _string("pricing-layout", "grid", "list"),
+        {
+            "enabled": True,
+            "rules": [
+                {"id": "jp", "conditions": [_cond("country", "equals", "JP")], "variation": "list"}
+            ],
+            "default_rule": _split(grid=50, list=50),
+        },
+    ),
+)
+HTTP_FLAG_KEYS = [definition["flag_key"] for definition, _ in HTTP_FLAGS]
+
+
+def attempt(what: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
+    """Run one measurement; an exception becomes a one-line error."""
+    try:
+        return fn(), None
+    except Exception as exc:
+        message = one_line(exc)
+        log(f"flags: {what}: error: {message}")
+        return None, message
+
+
+def _server_env(data_dir: Path) -> dict[str, str]:
+    (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
+    env.update(
+        TENFOLD_DATA_DIR=str(data_dir),
+        TENFOLD_SERVICES="flags",
+        TENFOLD_LOG_LEVEL="warning",
+        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),
+    )
+    return env
+
+
+def _answer(response: Any, what: str, expected: tuple[int, ...] = (200,)) -> Any:
+    if response.status_code not in expected:
+        raise RuntimeError(f"{what} answered {response.status_code}: {response.text[:300]}")
+    return response.json() if response.content else None
+
+
+def evaluate_bodies(users: Sequence[User]) -> list[str]:
+    """One request body per user: the ten flags for that user's context, in production."""
+    return [
+        json.dumps(
+            {
+                "flag_keys": HTTP_FLAG_KEYS,
+                "user_context": {
+                    "user_id": u.user_id,
+                    "email": u.email,
+                    "country": u.country,
+                    "app_version": u.app_version,
+                    "plan": u.plan,
+                },
+                "environment": ENVIRONMENT,
+            },
+            separators=(",", ":"),
+        )
+        for u in users
+    ]
+
+
+def setup_flags(http: Any, admin_key: str) -> str:
+    """Create the ten flags, turn them on in production with their targeting, and create an
+    SDK key bound to production (flags:read); return that key."""
+    admin = {"X-API-Key": admin_key}
+    for definition, targeting in HTTP_FLAGS:
+        key = definition["flag_key"]
+        _answer(http.post("/api/v1/flags", json=definition, headers=admin), f"create {key}", (201,))
+        got = _answer(
+            http.put(
+                f"/api/v1/flags/{key}/environments/{ENVIRONMENT}", json=targeting, headers=admin
+            ),
+            f"PUT targeting of {key}",
+        )
+        if got.get("status") != "applied":
+            raise RuntimeError(f"the targeting of {key} was not applied: {got}")
+    made = _answer(
+        http.post(f"/api/v1/flags/environments/{ENVIRONMENT}/keys", headers=admin),
+        "create an SDK key",
+        (201,),
+    )
+    return str(made["api_key"])
+
+
+def check_answers(http: Any, sdk_key: str, bodies: Sequence[str]) -> dict[str, Any]:
+    """POST some of the bodies once: every answer must be what the server's own ruleset gives
+    (evaluated here) with no error. Returns how many were checked and the mix of reasons."""
+    from tenfold.flags.evaluation import Ruleset
+
+    headers = {"X-API-Key": sdk_key}
+    doc = _answer(
+        http.get("/api/v1/flags/ruleset", params={"environment": ENVIRONMENT}, headers=headers),
+        "GET /api/v1/flags/ruleset",
+    )
+    ruleset = Ruleset.from_dict(doc)
+    reasons: dict[str, int] = {}
+    headers["Content-Type"] = "application/json"
+    for body in bodies:
+        got = _answer(http.post(EVALUATE_PATH, content=body, headers=headers), EVALUATE_PATH)
+        answers = got["evaluations"]
+        ctx = json.loads(body)["user_context"]
+        want = [ruleset.evaluate(k, ctx).to_dict() for k in HTTP_FLAG_KEYS]
+        if answers != want:
+            wrong = [(a, w) for a, w in zip(answers, want, strict=False) if a != w][:1]
+            raise RuntimeError(
+                f"{EVALUATE_PATH} answered {len(answers)} evaluations unlike the ruleset's: {wrong}"
+            )
+        for answer in answers:
+            if answer.get("error_code"):
+                raise RuntimeError(f"{EVALUATE_PATH} answered an error: {answer}")
+            reasons[answer["reason"]] = reasons.get(answer["reason"], 0) + 1
+    total = sum(reasons.values())
+    return {
+        "checked": len(bodies),
+        "revision": doc.get("revision"),
+        "reasons": {k: round(v / total, 3) for k, v in sorted(reasons.items())},
+    }
+
+
+def _wrk_evaluate(
+    url: str, script: Path, bodies: Path, key: str, threads: int, connections: int, seconds: int
+) -> WrkResult:
+    command = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s"]
+    command += ["--timeout=5s", "--latency", "-s", str(script), url]
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WRK_BODIES": str(bodies), "WRK_KEY": key},
+        timeout=seconds + 40,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr}\n{proc.stdout}")
+    return parse(proc.stdout)
+
+
+def evaluate_load(
+    base_url: str, key: str, script: Path, bodies: Path, quick: bool
+) -> bench_http.HttpFigures:
+    """The standard load (benchmarks/http.py: `load`) with the rotating bodies: a 1 s warm-up,
+    then -t2 -c50 for throughput, -t1 -c10 for latency."""
+    duration = bench_http.duration_s(quick)
+    url = base_url + EVALUATE_PATH
+    _wrk_evaluate(url, script, bodies, key, 1, bench_http.LATENCY_CONNECTIONS, 1)
+    tput = _wrk_evaluate(url, script, bodies, key, 2, bench_http.THROUGHPUT_CONNECTIONS, duration)
+    lat = _wrk_evaluate(url, script, bodies, key, 1, bench_http.LATENCY_CONNECTIONS, duration)
+    return bench_http.HttpFigures(
+        ops_per_s=tput.ops_per_s,
+        p50_ms=lat.p50_ms,
+        p99_ms=lat.p99_ms,
+        non_2xx=tput.non_2xx + lat.non_2xx,
+        socket_errors=tput.socket_errors + lat.socket_errors,
+    )
+
+
+class Watch:
+    """Which SDK clients have seen the value the current toggle serves, and how long after the
+    toggle request was about to be sent (nanoseconds)."""
+
+    def __init__(self, clients: int) -> None:
+        self.lock = threading.Lock()
+        self.clients = clients
+        self.expected: bool | None = None  # None between toggles: callbacks are ignored
+        self.t0 = 0
+        self.seen: dict[int, int] = {}
+        self.all_seen = threading.Event()
+
+    def begin(self, expected: bool) -> None:
+        with self.lock:
+            self.expected = expected
+            self.seen = {}
+            self.all_seen.clear()
+            self.t0 = time.perf_counter_ns()  # the toggle request is sent right after
+
+    def end(self) -> dict[int, int]:
+        with self.lock:
+            self.expected = None
+            return dict(self.seen)
+
+    def listener(self, index: int, client: Any) -> Callable[[frozenset[str]], None]:
+        """client.on_change(...): runs on that client's stream thread after a ruleset swap."""
+
+        def on_change(keys: frozenset[str]) -> None:
+            if PROPAGATION_FLAG not in keys:
+                return
+            value = client.evaluate(PROPAGATION_FLAG, PROPAGATION_CONTEXT).value
+            now = time.perf_counter_ns()
+            with self.lock:
+                if self.expected is None or value is not self.expected or index in self.seen:
+                    return
+                self.seen[index] = now - self.t0
+                if len(self.seen) == self.clients:
+                    self.all_seen.set()
+
+        return on_change
+
+
+@dataclass
+class Propagation:
+    samples_ns: list[int]  # one per client and timed toggle that it saw
+    slowest_ns: list[int]  # per timed toggle seen by every client: the last client's
+    toggle_ns: list[int]  # per timed toggle: the toggle request's own round trip
+    toggles: int  # timed
+    missed: int  # (client, toggle) pairs not seen within the timeout
+    timeouts: int  # toggles not seen by every client within the timeout
+    client_errors: list[str]
+    revisions_agree: bool  # every client ends on the server's revision
+
+
+def propagate(base_url: str, http: Any, admin_key: str, sdk_key: str, quick: bool) -> Propagation:
+    """SDK_CLIENTS FlagsClients (each its own stream thread) follow the stream; the flag is
+    toggled on and off, each toggle waited for until every client's on_change saw it."""
+    from tenfold.flags.client import FlagsClient
+
+    toggles = 30 if quick else 100
+    admin = {"X-API-Key": admin_key}
+    path = f"/api/v1/flags/{PROPAGATION_FLAG}/environments/{ENVIRONMENT}"
+    enabled = bool(_answer(http.get(path, headers=admin), f"GET {path}")["enabled"])
+    watch = Watch(SDK_CLIENTS)
+    clients = [FlagsClient(base_url, sdk_key, environment=ENVIRONMENT) for _ in range(SDK_CLIENTS)]
+    samples: list[int] = []
+    slowest: list[int] = []
+    toggle_ns: list[int] = []
+    missed = timeouts = timed = 0
+    try:
+        for i, client in enumerate(clients):
+            client.on_change(watch.listener(i, client))
+            client.start(wait=0)
+        deadline = time.monotonic() + 15
+        for i, client in enumerate(clients):
+            if not client.start(wait=max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"SDK client {i} got no ruleset in 15 s: {client.last_error}")
+        log(f"flags: {SDK_CLIENTS} SDK clients ready; {WARMUP_TOGGLES} + {toggles} toggles")
+        toggle_url = f"/api/v1/flags/{PROPAGATION_FLAG}/toggle"
+        for n in range(WARMUP_TOGGLES + toggles):
+            enabled = not enabled
+            watch.begin(enabled)
+            t0 = watch.t0
+            response = http.post(
+                toggle_url, json={"environment": ENVIRONMENT, "enabled": enabled}, headers=admin
+            )
+            answered = time.perf_counter_ns()
+            got = _answer(response, f"POST {toggle_url}")
+            if got.get("status") != "applied":
+                raise RuntimeError(f"the toggle was not applied: {got}")
+            complete = watch.all_seen.wait(TOGGLE_TIMEOUT_S)
+            seen = watch.end()
+            if n < WARMUP_TOGGLES:
+                if not complete:
+                    raise RuntimeError(
+                        f"warm-up toggle {n + 1}: {len(seen)}/{SDK_CLIENTS} clients saw it "
+                        f"within {TOGGLE_TIMEOUT_S:.0f} s"
+                    )
+                continue
+            timed += 1
+            toggle_ns.append(answered - t0)
+            samples += seen.values()
+            if complete:
+                slowest.append(max(seen.values()))
+            else:
+                timeouts += 1
+                missed += SDK_CLIENTS - len(seen)
+                log(f"flags: toggle {n + 1}: {len(seen)}/{SDK_CLIENTS} clients saw it in time")
+                if timeouts >= MAX_TIMEOUTS:
+                    break
+        server_revision = _answer(
+            http.get(
+                "/api/v1/flags/ruleset",
+                params={"environment": ENVIRONMENT},
+                headers={"X-API-Key": sdk_key},
+            ),
+            "GET /api/v1/flags/ruleset",
+        )["revision"]
+        revisions = {client.revision for client in clients}
+        errors = sorted({str(c.last_error) for c in clients if c.last_error is not None})
+    finally:
+        closers = [threading.Thread(target=c.close, daemon=True) for c in clients]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join(15)
+    samples.sort()
+    slowest.sort()
+    toggle_ns.sort()
+    return Propagation(
+        samples_ns=samples,
+        slowest_ns=slowest,
+        toggle_ns=toggle_ns,
+        toggles=timed,
+        missed=missed,
+        timeouts=timeouts,
+        client_errors=errors,
+        revisions_agree=revisions == {server_revision},
+    )
+
+
+def evaluate_record(
+    server: bench_http.Server,
+    got: bench_http.HttpFigures | None,
+    check: dict[str, Any] | None,
+    ceiling: dict[str, Any] | None,
+    ceilings: dict[bench_http.Server, bench_http.HttpFigures] | None,
+    error: str | None,
+) -> dict[str, Any]:
+    best = ceiling["ops_per_s"] if ceiling else None
+    same = ceilings[server].ops_per_s if ceilings else None
+    share = got.ops_per_s / best if got and best else None
+    met_share = share >= HTTP_TARGET_SHARE if share is not None else None
+    met_p99 = got.p99_ms < HTTP_TARGET_P99_MS if got and got.p99_ms is not None else None
+    return result(
+        f"evaluate-{server}",
+        got.ops_per_s if got else None,
+        got.p50_ms if got else None,
+        got.p99_ms if got else None,
+        ceiling["scenario"] if ceiling else None,
+        best,
+        share_of_ceiling=share,
+        **{f"share_of_{server}_ceiling": got.ops_per_s / same if got and same else None},
+        server=server,
+        target_share=HTTP_TARGET_SHARE,
+        target_p99_ms=HTTP_TARGET_P99_MS,
+        met_share=met_share,
+        met_p99=met_p99,
+        meets_target=met_share and met_p99 if None not in (met_share, met_p99) else None,
+        flags=len(HTTP_FLAG_KEYS),
+        flag_keys=HTTP_FLAG_KEYS,
+        bodies=BODIES,
+        body=f"{{flag_keys: {len(HTTP_FLAG_KEYS)} keys, user_context: one of {BODIES} users "
+        "(user_id, email, country, app_version, plan), environment: production}, rotated per "
+        "request (pre-built per wrk thread)",
+        auth="X-API-Key: an SDK key bound to production (flags:read)",
+        checked=check["checked"] if check else None,
+        reasons=check["reasons"] if check else None,
+        config="embedded (SQLite, memory KV), TENFOLD_SERVICES=flags, rate-limit guard on, "
+        "one process",
+        non_2xx=got.non_2xx if got else None,
+        socket_errors=got.socket_errors if got else None,
+        error=error,
+    )
+
+
+def propagation_record(got: Propagation | None, error: str | None) -> dict[str, Any]:
+    p99 = percentile_ms(got.samples_ns, 99) if got and got.samples_ns else None
+    problems = [error] if error else []
+    if got is not None:
+        if got.timeouts:
+            problems.append(
+                f"{got.timeouts} toggle(s) not seen by every client within {TOGGLE_TIMEOUT_S:.0f} "
+                f"s ({got.missed} client observations missing)"
+            )
+        if not got.revisions_agree:
+            problems.append("the clients did not all end on the server's revision")
+    return result(
+        "propagation-sdk-stream",
+        None,
+        percentile_ms(got.samples_ns, 50) if got and got.samples_ns else None,
+        p99,
+        None,
+        None,
+        max_ms=got.samples_ns[-1] / 1e6 if got and got.samples_ns else None,
+        all_clients_p50_ms=percentile_ms(got.slowest_ns, 50) if got and got.slowest_ns else None,
+        all_clients_p99_ms=percentile_ms(got.slowest_ns, 99) if got and got.slowest_ns else None,
+        toggle_request_p50_ms=percentile_ms(got.toggle_ns, 50) if got and got.toggle_ns else None,
+        toggle_request_p99_ms=percentile_ms(got.toggle_ns, 99) if got and got.toggle_ns else None,
+        clients=SDK_CLIENTS,
+        toggles=got.toggles if got else None,
+        warmup_toggles=WARMUP_TOGGLES,
+        samples=len(got.samples_ns) if got else None,
+        missed=got.missed if got else None,
+        timeouts=got.timeouts if got else None,
+        client_errors=got.client_errors if got else None,
+        revisions_agree=got.revisions_agree if got else None,
+        target_p99_ms=PROPAGATION_TARGET_P99_MS,
+        spec_target_ms=PROPAGATION_SPEC_MS,
+        meets_target=(p99 < PROPAGATION_TARGET_P99_MS and not got.missed)
+        if got and p99 is not None
+        else None,
+        peer_note="none: the spec's target is 30 s for a change to reach connected SDKs; "
+        "the 1 s p99 target is this benchmark's own",
+        server=PROPAGATION_SERVER,
+        how=f"{SDK_CLIENTS} tenfold.flags.client.FlagsClient in this process (each its own "
+        "stream thread on GET /api/v1/flags/stream), POST /api/v1/flags/"
+        f"{PROPAGATION_FLAG}/toggle alternating off/on, each toggle waited for until every "
+        "client's on_change callback evaluated the new value; latency from just before the "
+        "toggle request is sent to that evaluation, one sample per client and toggle",
+        config="embedded (SQLite, memory KV), TENFOLD_SERVICES=flags, rate-limit guard on, "
+        "one process",
+        error="; ".join(problems) or None,
+    )
+
+
+@dataclass
+class Served:
+    """What one server's run measured; an error string where a part failed."""
+
+    figures: bench_http.HttpFigures | None = None
+    check: dict[str, Any] | None = None
+    moved: Propagation | None = None
+    eval_err: str | None = None
+    prop_err: str | None = None
+
+
+def serve_and_measure(
+    server: bench_http.Server,
+    env: dict[str, str],
+    data_dir: Path,
+    keys: dict[str, str],
+    bodies: Sequence[str],
+    script: Path,
+    bodies_path: Path,
+    quick: bool,
+) -> Served:
+    """Serve tenfold on `server`, set the flags up the first time (the SDK key goes in `keys`),
+    check and load POST /api/v1/evaluate; on PROPAGATION_SERVER also time propagation."""
+    import httpx
+
+    out = Served()
+    log(f"flags: POST {EVALUATE_PATH}, {len(HTTP_FLAG_KEYS)} flags, on {server}")
+    try:
+        with (
+            bench_http.serve_app("tenfold.app:build_app", env, server) as base_url,
+            httpx.Client(base_url=base_url, timeout=10) as http,
+        ):
+            admin_key = _admin_key(data_dir)
+            if "sdk" not in keys:
+                keys["sdk"] = setup_flags(http, admin_key)
+            key = keys["sdk"]
+            out.check, out.eval_err = attempt(
+                "check", lambda: check_answers(http, key, bodies[:CHECKED_BODIES])
+            )
+            if out.eval_err is None:
+                out.figures, out.eval_err = attempt(
+                    f"evaluate on {server}",
+                    lambda: evaluate_load(base_url, key, script, bodies_path, quick),
+                )
+            if server == PROPAGATION_SERVER:
+                log(f"flags: propagation to {SDK_CLIENTS} SDK clients on {server}")
+                out.moved, out.prop_err = attempt(
+                    "propagation", lambda: propagate(base_url, http, admin_key, key, quick)
+                )
+    except Exception as exc:  # the server failed to start, or died during the run
+        message = one_line(exc)
+        log(f"flags: {server}: error: {message}")
+        out.eval_err = out.eval_err or message
+        out.prop_err = out.prop_err or message
+    return out
+
+
+def over_http(quick: bool) -> list[dict[str, Any]]:
+    """The HTTP ceiling, then per server: POST /api/v1/evaluate for ten flags under wrk; on
+    uvicorn also the propagation of toggles to connected SDK clients."""
+    records: list[dict[str, Any]] = []
+    ceiling, ceiling_err = attempt("HTTP ceiling", lambda: bench_http.ceiling(quick))
+    ceilings = bench_http.measure_ceilings(quick) if ceiling else None
+    if ceiling:
+        records += bench_http.ceiling_results(quick)
+    bodies = evaluate_bodies(population(BODIES))
+    data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-flags-"))
+    try:
+        script = data_dir / "evaluate.lua"
+        script.write_text(EVALUATE_LUA)
+        bodies_path = data_dir / "bodies.jsonl"
+        bodies_path.write_text("\n".join(bodies) + "\n")
+        env = _server_env(data_dir)
+        _, setup_err = attempt("migrate", lambda: _tenfold(["migrate"], env))
+        keys: dict[str, str] = {}
+        for server in HTTP_SERVERS:
+            if setup_err is None:
+                served = serve_and_measure(
+                    server, env, data_dir, keys, bodies, script, bodies_path, quick
+                )
+            else:
+                served = Served(eval_err=setup_err, prop_err=setup_err)
+            eval_err = served.eval_err
+            if ceiling_err and eval_err is None:
+                eval_err = f"ceiling: {ceiling_err}"
+            records.append(
+                evaluate_record(server, served.figures, served.check, ceiling, ceilings, eval_err)
+            )
+            if server == PROPAGATION_SERVER:
+                records.append(propagation_record(served.moved, served.prop_err))
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return records
+
+
+SECTIONS: tuple[Callable[[bool], list[dict[str, Any]]], ...] = (local_evaluation, over_http)
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
