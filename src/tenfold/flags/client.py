@@ -62,11 +62,11 @@ from tenfold.flags.evaluation import (
     TYPE_MISMATCH,
     Evaluation,
     Ruleset,
-    bucket,
     bucket_text,
+    exposure_sampled,
     parse_flag_doc,
 )
-from tenfold.flags.models import BUCKET_SCALE, is_number, parse_segment
+from tenfold.flags.models import is_number, parse_segment
 
 __all__ = [
     "PROVIDER_NOT_READY",
@@ -609,7 +609,7 @@ class FlagsClient:
         exposure = None
         if rate and result.error_code is None and result.reason not in _NOT_EXPOSED:
             user = _user_of(ctx)
-            if user is not None and bucket(f"exposure:{key}", user) < rate * BUCKET_SCALE:
+            if user is not None and exposure_sampled(key, user, rate):
                 exposure = (key, user, variation)
         with self._lock:
             counts = self._usage.get(key)

@@ -100,8 +100,13 @@ def bucket_text(value: object) -> str | None:
 
 def bucket(salt: str, value: str) -> int:
     """The user's bucket, 0..99,999, for a flag (bucketing version 1)."""
-    digest = hashlib.sha256(f"{salt}:{value}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % BUCKET_SCALE
+    return bucketer(salt)(value)
+
+
+def exposure_sampled(flag_key: str, user_id: str, sample_rate: float) -> bool:
+    """Whether an experiment sampling `sample_rate` of the users on `flag_key` records this
+    user's exposures (the same users in the server and every SDK)."""
+    return bucket(f"exposure:{flag_key}", user_id) < sample_rate * BUCKET_SCALE
 
 
 def bucketer(salt: str) -> Callable[[str], int]:

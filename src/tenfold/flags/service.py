@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from tenfold.flags import stats
-from tenfold.flags.evaluation import Ruleset, bucket
+from tenfold.flags.evaluation import Ruleset, exposure_sampled
 from tenfold.flags.models import (
     RESERVED_FLAG_KEYS,
     ChangeRequest,
@@ -704,7 +704,7 @@ class FlagsService:
         for exp in self.experiments.get(env_key, ()):
             if exp.flag_key != flag_key:
                 continue
-            if bucket(f"exposure:{flag_key}", user_id) >= exp.sample_rate * 100_000:
+            if not exposure_sampled(flag_key, user_id, exp.sample_rate):
                 return False
             if len(self._exposures) >= MAX_QUEUED_EVENTS:
                 self.dropped_events += 1
