@@ -80,25 +80,18 @@ EnvKey = Annotated[str, Path(min_length=1, max_length=100)]
 JsonBody = Annotated[dict[str, Any], Body()]
 
 
-def _translate(exc: Exception) -> Problem:
-    if isinstance(exc, Missing):
-        return NotFound(exc.what.replace(" ", "-"), exc.key)
-    if isinstance(exc, Conflict):
-        return Problem(409, exc.kind, exc.message)
-    if isinstance(exc, FieldError):
-        return InvalidField(exc.field, exc.message)
-    raise exc
-
-
 class _Errors:
-    """Turns the service's domain errors into problem+json."""
+    """Turns the service's domain errors into problem+json (a FieldError the kernel's handlers
+    answer already)."""
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if isinstance(exc, Missing | Conflict | FieldError):
-            raise _translate(exc) from None
+        if isinstance(exc, Missing):
+            raise NotFound(exc.what.replace(" ", "-"), exc.key) from None
+        if isinstance(exc, Conflict):
+            raise Problem(409, exc.kind, exc.message) from None
 
 
 errors = _Errors()
@@ -192,44 +185,53 @@ def _ofrep_error(key: str, code: str, details: str) -> dict[str, Any]:
     return {"key": key, "errorCode": code, "errorDetails": details}
 
 
+def _ofrep_failure(r: Evaluation) -> dict[str, Any]:
+    return _ofrep_error(r.flag_key, r.error_code or "GENERAL", r.error_message or "")
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    return if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]
+
+
+class _Refused(Exception):
+    """An OFREP request answered with an OFREP error body."""
+
+    def __init__(self, status: int, code: str, details: str) -> None:
+        super().__init__(details)
+        self.result: LeanResult = (status, orjson.dumps(_ofrep_error("", code, details)), [])
+
+
 async def _ofrep_request(
     service: FlagsService, runtime: Runtime, scope: Any, raw: bytes
-) -> tuple[str, Ruleset, dict[str, Any]] | tuple[int, bytes]:
+) -> tuple[str, Ruleset, dict[str, Any]]:
+    """The environment, its ruleset and the context of an OFREP request, or `_Refused`."""
     principal = await authenticate(scope, RawHeaders(scope), runtime.keys, "flags:read")
     try:
         body = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError:
-        return 400, orjson.dumps(_ofrep_error("", "PARSE_ERROR", "the body is not valid JSON"))
+        raise _Refused(400, "PARSE_ERROR", "the body is not valid JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("context", {}), dict):
-        return 400, orjson.dumps(
-            _ofrep_error("", INVALID_CONTEXT, 'the body must be {"context": {...}}')
-        )
+        raise _Refused(400, INVALID_CONTEXT, 'the body must be {"context": {...}}')
     ctx = body.get("context") or {}
     env_name = ctx.get("environment") if isinstance(ctx.get("environment"), str) else None
     try:
         env = service.environment_for(env_name, principal.key_id)
     except (FieldError, Conflict) as exc:
-        return 400, orjson.dumps(_ofrep_error("", INVALID_CONTEXT, str(exc)))
+        raise _Refused(400, INVALID_CONTEXT, str(exc)) from None
     return env, service.rulesets[env], ctx
 
 
 def ofrep_one_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
     async def handle(scope: Any, raw: bytes) -> LeanResult:
         key = scope["path_params"]["key"]
-        parsed = await _ofrep_request(service, runtime, scope, raw)
-        if len(parsed) == 2:
-            status, payload = parsed
-            return status, payload, []
-        env, ruleset, ctx = parsed
+        try:
+            env, ruleset, ctx = await _ofrep_request(service, runtime, scope, raw)
+        except _Refused as refused:
+            return refused.result
         r = ruleset.evaluate(key, ctx)
-        if r.error_code == FLAG_NOT_FOUND:
-            return 404, orjson.dumps(_ofrep_error(key, FLAG_NOT_FOUND, r.error_message or "")), []
         if r.reason == ERROR:
-            return (
-                400,
-                orjson.dumps(_ofrep_error(key, r.error_code or "GENERAL", r.error_message or "")),
-                [],
-            )
+            status = 404 if r.error_code == FLAG_NOT_FOUND else 400
+            return status, orjson.dumps(_ofrep_failure(r)), []
         _count(service, env, [r], ctx)
         return 200, orjson.dumps(_ofrep_success(r)), []
 
@@ -238,27 +240,18 @@ def ofrep_one_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
 
 def ofrep_all_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
     async def handle(scope: Any, raw: bytes) -> LeanResult:
-        parsed = await _ofrep_request(service, runtime, scope, raw)
-        if len(parsed) == 2:
-            status, payload = parsed
-            return status, payload, []
-        env, ruleset, ctx = parsed
+        try:
+            env, ruleset, ctx = await _ofrep_request(service, runtime, scope, raw)
+        except _Refused as refused:
+            return refused.result
         tag = hashlib.sha256(orjson.dumps(ctx, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
         etag = f'"{env}-{ruleset.revision}-{tag}"'
         headers = [(b"etag", etag.encode())]
-        wanted = RawHeaders(scope).get("if-none-match")
-        if wanted is not None and etag in [t.strip() for t in wanted.split(",")]:
+        if etag_matches(RawHeaders(scope).get("if-none-match"), etag):
             return 304, b"", headers
         results = ruleset.evaluate_all(ctx)
         _count(service, env, results, ctx)
-        flags = []
-        for r in results:
-            if r.reason == ERROR:
-                flags.append(
-                    _ofrep_error(r.flag_key, r.error_code or "GENERAL", r.error_message or "")
-                )
-            else:
-                flags.append(_ofrep_success(r))
+        flags = [_ofrep_failure(r) if r.reason == ERROR else _ofrep_success(r) for r in results]
         return (
             200,
             orjson.dumps({"flags": flags, "metadata": {"revision": ruleset.revision}}),
@@ -271,6 +264,11 @@ def ofrep_all_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
 # --- the change stream -----------------------------------------------------------------------
 
 
+def _sse(event: str, event_id: int, data: bytes) -> bytes:
+    """One server-sent event (the data is one line of JSON)."""
+    return b"event: %s\nid: %d\ndata: %s\n\n" % (event.encode(), event_id, data)
+
+
 class Streams:
     """Server-sent event streams of ruleset changes, one queue per connected client."""
 
@@ -281,27 +279,15 @@ class Streams:
         service.listeners.add(self.on_change)
 
     def on_change(self, env: str, revision: int, event: str, data: bytes) -> None:
-        frame = (
-            b"event: "
-            + event.encode()
-            + b"\nid: "
-            + str(revision).encode()
-            + b"\ndata: "
-            + data
-            + b"\n\n"
-        )
+        frame = _sse(event, revision, data)
         for q in list(self.queues.get(env, ())):
             try:
                 q.put_nowait(frame)
-            except (
-                asyncio.QueueFull
-            ):  # too far behind: close it; the client reconnects and gets a put
+            except asyncio.QueueFull:  # too far behind: close it; it reconnects and gets a put
                 self.queues[env].discard(q)
-                q._queue.clear()  # type: ignore[attr-defined]
+                while not q.empty():
+                    q.get_nowait()
                 q.put_nowait(None)
-
-    def count(self) -> int:
-        return sum(len(q) for q in self.queues.values())
 
     async def stream(self, env: str, last_event_id: str | None) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
@@ -311,13 +297,7 @@ class Streams:
             ruleset = self.service.rulesets[env]
             if last_event_id != str(ruleset.revision):
                 doc = orjson.dumps(self.service.ruleset_document(env))
-                yield (
-                    b"event: put\nid: "
-                    + str(ruleset.revision).encode()
-                    + b"\ndata: "
-                    + doc
-                    + b"\n\n"
-                )
+                yield _sse("put", ruleset.revision, doc)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.max_seconds
             while (left := deadline - loop.time()) > 0:
@@ -444,7 +424,7 @@ def build_router(
     ) -> Response:
         env = env_of(principal, environment)
         etag = f'"{env}-{service.rulesets[env].revision}"'
-        if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        if etag_matches(if_none_match, etag):
             return Response(status_code=304, headers={"ETag": etag})
         body = orjson.dumps(service.ruleset_document(env))
         return Response(body, media_type="application/json", headers={"ETag": etag})
@@ -637,11 +617,7 @@ def build_router(
         principal: Principal = writer,
         body: Annotated[dict[str, Any] | None, Body()] = None,
     ) -> dict[str, Any]:
-        comment = str((body or {}).get("comment", ""))
-        with errors:
-            return change_request_out(
-                await service.decide(request_id, principal.subject, True, comment)
-            )
+        return await decide(request_id, principal, body, approve=True)
 
     @router.post("/api/v1/flags/change-requests/{request_id}/reject", summary="Reject")
     async def reject(
@@ -649,11 +625,15 @@ def build_router(
         principal: Principal = writer,
         body: Annotated[dict[str, Any] | None, Body()] = None,
     ) -> dict[str, Any]:
+        return await decide(request_id, principal, body, approve=False)
+
+    async def decide(
+        request_id: str, principal: Principal, body: dict[str, Any] | None, *, approve: bool
+    ) -> dict[str, Any]:
         comment = str((body or {}).get("comment", ""))
         with errors:
-            return change_request_out(
-                await service.decide(request_id, principal.subject, False, comment)
-            )
+            decided = await service.decide(request_id, principal.subject, approve, comment)
+        return change_request_out(decided)
 
     @router.post("/api/v1/flags/change-requests/{request_id}/cancel", summary="Cancel (its author)")
     async def cancel(request_id: FlagKey, principal: Principal = writer) -> dict[str, Any]:
