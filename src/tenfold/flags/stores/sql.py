@@ -17,10 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenfold.flags.evaluation import FlagDoc
 from tenfold.flags.models import (
     ChangeRequest,
+    Conflict,
     Decision,
     Environment,
     Experiment,
     FlagDef,
+    Missing,
     Segment,
     Serve,
     Targeting,
@@ -44,6 +46,16 @@ from tenfold.flags.tables import (
     usage,
 )
 from tenfold.kernel.sql import is_sqlite
+
+CHUNK = 500  # rows per INSERT: under every driver's parameter limit
+
+
+def _active_flag(key: str) -> sa.Select[Any]:
+    return sa.select(flags).where(flags.c.flag_key == key, flags.c.is_active.is_(True))
+
+
+def _environment_row(key: str) -> sa.Select[Any]:
+    return sa.select(environments).where(environments.c.environment_key == key)
 
 
 def _dumps(value: Any) -> str:
@@ -120,9 +132,17 @@ class SqlFlagStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._dialect: Any = sqlite if is_sqlite(engine) else postgresql
+        # SQLite's two-argument max/min are PostgreSQL's greatest/least
+        self._greatest = sa.func.max if self._dialect is sqlite else sa.func.greatest
+        self._least = sa.func.min if self._dialect is sqlite else sa.func.least
 
     def _insert(self, table: sa.Table) -> Any:
         return self._dialect.insert(table)
+
+    async def _insert_chunks(self, stmt: Any, values: Sequence[Mapping[str, Any]]) -> None:
+        async with self.engine.begin() as conn:
+            for i in range(0, len(values), CHUNK):
+                await conn.execute(stmt, values[i : i + CHUNK])
 
     # --- environments ------------------------------------------------------------------------
 
@@ -148,8 +168,6 @@ class SqlFlagStore:
                 )
             )
             if exists is not None:
-                from tenfold.flags.models import Conflict
-
                 raise Conflict(f"environment {env.key} already exists")
             result = await conn.execute(
                 environments.insert().values(
@@ -184,11 +202,7 @@ class SqlFlagStore:
 
     async def environment(self, key: str) -> Environment | None:
         async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(environments).where(environments.c.environment_key == key)
-                )
-            ).first()
+            row = (await conn.execute(_environment_row(key))).first()
             return None if row is None else _environment(row)
 
     async def update_environment(
@@ -201,13 +215,7 @@ class SqlFlagStore:
             await conn.execute(
                 environments.update().where(environments.c.environment_key == key).values(**changes)
             )
-            after = _environment(
-                (
-                    await conn.execute(
-                        sa.select(environments).where(environments.c.environment_key == key)
-                    )
-                ).one()
-            )
+            after = _environment((await conn.execute(_environment_row(key))).one())
             await self._audit(
                 conn,
                 None,
@@ -225,14 +233,8 @@ class SqlFlagStore:
 
     async def load_environment(self, key: str) -> tuple[Environment, list[FlagDoc], list[Segment]]:
         async with self.engine.connect() as conn:
-            env_row = (
-                await conn.execute(
-                    sa.select(environments).where(environments.c.environment_key == key)
-                )
-            ).first()
+            env_row = (await conn.execute(_environment_row(key))).first()
             if env_row is None:
-                from tenfold.flags.models import Missing
-
                 raise Missing("environment", key)
             env = _environment(env_row)
             docs = await self._docs(conn, env.environment_id, None)
@@ -274,11 +276,7 @@ class SqlFlagStore:
     async def flag(self, key: str) -> tuple[int, FlagDef, int, Any] | None:
         """(flag_id, definition, version, row) of an active flag."""
         async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(flags).where(flags.c.flag_key == key, flags.c.is_active.is_(True))
-                )
-            ).first()
+            row = (await conn.execute(_active_flag(key))).first()
         return None if row is None else (row.flag_id, _flag(row), row.version, row)
 
     async def list_flags(
@@ -302,8 +300,6 @@ class SqlFlagStore:
         return [(_flag(r), r) for r in rows]
 
     async def create_flag(self, flag: FlagDef, actor: str, now_ms: int) -> int:
-        from tenfold.flags.models import Conflict
-
         async with self.engine.begin() as conn:
             taken = await conn.scalar(
                 sa.select(flags.c.flag_id).where(flags.c.flag_key == flag.key)
@@ -336,16 +332,8 @@ class SqlFlagStore:
         self, flag: FlagDef, expected_version: int | None, actor: str, now_ms: int, action: str
     ) -> int:
         """Replace a flag's definition; the new version."""
-        from tenfold.flags.models import Conflict, Missing
-
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(flags).where(
-                        flags.c.flag_key == flag.key, flags.c.is_active.is_(True)
-                    )
-                )
-            ).first()
+            row = (await conn.execute(_active_flag(flag.key))).first()
             if row is None:
                 raise Missing("flag", flag.key)
             if expected_version is not None and row.version != expected_version:
@@ -374,11 +362,7 @@ class SqlFlagStore:
 
     async def delete_flag(self, key: str, actor: str, now_ms: int) -> bool:
         async with self.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(flags).where(flags.c.flag_key == key, flags.c.is_active.is_(True))
-                )
-            ).first()
+            row = (await conn.execute(_active_flag(key))).first()
             if row is None:
                 return False
             await conn.execute(rules.delete().where(rules.c.flag_id == row.flag_id))
@@ -436,8 +420,6 @@ class SqlFlagStore:
         action: str,
     ) -> int:
         """Replace a flag's targeting in one environment; the state's new version."""
-        from tenfold.flags.models import Conflict, Missing
-
         async with self.engine.begin() as conn:
             env_id = await self._env_id(conn, env_key)
             row = (
@@ -825,16 +807,12 @@ class SqlFlagStore:
             ],
             set_={
                 "evaluations": usage.c.evaluations + stmt.excluded.evaluations,
-                "last_evaluated_ms": sa.func.max(
+                "last_evaluated_ms": self._greatest(
                     usage.c.last_evaluated_ms, stmt.excluded.last_evaluated_ms
-                )
-                if self._dialect is sqlite
-                else sa.func.greatest(usage.c.last_evaluated_ms, stmt.excluded.last_evaluated_ms),
+                ),
             },
         )
-        async with self.engine.begin() as conn:
-            for i in range(0, len(values), 500):
-                await conn.execute(stmt, values[i : i + 500])
+        await self._insert_chunks(stmt, values)
 
     async def usage_since(
         self, env_key: str, first_day: str
@@ -880,8 +858,6 @@ class SqlFlagStore:
     # --- experiments -------------------------------------------------------------------------
 
     async def add_experiment(self, exp: Experiment) -> None:
-        from tenfold.flags.models import Conflict
-
         async with self.engine.begin() as conn:
             taken = await conn.scalar(
                 sa.select(experiments.c.experiment_key).where(
@@ -903,12 +879,7 @@ class SqlFlagStore:
                     created_by=exp.created_by,
                 )
             )
-            env_id = await self._env_id(conn, exp.environment)
-            await conn.execute(
-                environments.update()
-                .where(environments.c.environment_id == env_id)
-                .values(revision=environments.c.revision + 1)
-            )
+            await self._bump(conn, await self._env_id(conn, exp.environment))
 
     async def experiments(self, env_key: str | None = None) -> list[Experiment]:
         query = sa.select(experiments).order_by(experiments.c.started_at_ms)
@@ -940,12 +911,7 @@ class SqlFlagStore:
                 .where(experiments.c.experiment_key == key)
                 .values(status="stopped", stopped_at_ms=now_ms)
             )
-            env_id = await self._env_id(conn, row.environment_key)
-            await conn.execute(
-                environments.update()
-                .where(environments.c.environment_id == env_id)
-                .values(revision=environments.c.revision + 1)
-            )
+            await self._bump(conn, await self._env_id(conn, row.environment_key))
             return True
 
     async def add_exposures(self, rows: Sequence[tuple[str, str, str, int]]) -> None:
@@ -959,16 +925,13 @@ class SqlFlagStore:
             {"experiment_key": e, "user_id": u, "variation": v, "first_seen_ms": t}
             for e, u, v, t in rows
         ]
-        async with self.engine.begin() as conn:
-            for i in range(0, len(values), 500):
-                await conn.execute(stmt, values[i : i + 500])
+        await self._insert_chunks(stmt, values)
 
     async def add_conversions(self, rows: Sequence[tuple[str, str, str, int, int, float]]) -> None:
         """(environment, metric, user, first_ms, count, value_sum) added in."""
         if not rows:
             return
         stmt = self._insert(conversions)
-        least = sa.func.min if self._dialect is sqlite else sa.func.least
         stmt = stmt.on_conflict_do_update(
             index_elements=[
                 conversions.c.environment_key,
@@ -978,7 +941,7 @@ class SqlFlagStore:
             set_={
                 "count": conversions.c.count + stmt.excluded["count"],
                 "value_sum": conversions.c.value_sum + stmt.excluded.value_sum,
-                "first_ms": least(conversions.c.first_ms, stmt.excluded.first_ms),
+                "first_ms": self._least(conversions.c.first_ms, stmt.excluded.first_ms),
             },
         )
         values = [
@@ -992,9 +955,7 @@ class SqlFlagStore:
             }
             for e, m, u, t, n, s in rows
         ]
-        async with self.engine.begin() as conn:
-            for i in range(0, len(values), 500):
-                await conn.execute(stmt, values[i : i + 500])
+        await self._insert_chunks(stmt, values)
 
     async def experiment_counts(self, exp: Experiment) -> dict[str, tuple[int, int]]:
         """variation -> (users exposed, users who converted after their first exposure)."""
@@ -1026,8 +987,6 @@ class SqlFlagStore:
             )
         )
         if env_id is None:
-            from tenfold.flags.models import Missing
-
             raise Missing("environment", env_key)
         return int(env_id)
 
