@@ -874,6 +874,78 @@ class Experiment:
         }
 
 
+ENVIRONMENT_FIELDS = ("name", "is_production", "approval_required", "required_approvals")
+
+
+def parse_environment_changes(raw: object, *, path: str = "") -> dict[str, Any]:
+    """The environment fields `raw` sets, checked: for a new environment and for a change."""
+    doc = _Doc(raw, path, ("environment_key", *ENVIRONMENT_FIELDS))
+    out: dict[str, Any] = {}
+    if "name" in doc.raw:
+        name = doc.raw["name"]
+        if not isinstance(name, str) or not 1 <= len(name) <= 255:
+            raise FieldError(doc.at("name"), "must be a string of 1-255 characters")
+        out["name"] = name
+    for flag in ("is_production", "approval_required"):
+        if flag in doc.raw:
+            out[flag] = doc.boolean(flag, False)
+    if "required_approvals" in doc.raw:
+        required = doc.raw["required_approvals"]
+        if not isinstance(required, int) or isinstance(required, bool) or not 1 <= required <= 10:
+            raise FieldError(doc.at("required_approvals"), "must be a whole number from 1 to 10")
+        out["required_approvals"] = required
+    return out
+
+
+def parse_environment(raw: Mapping[str, Any]) -> Environment:
+    changes = parse_environment_changes(raw)
+    key = parse_key(raw.get("environment_key"), "environment_key", "environment key")
+    if len(key) > 100:
+        raise FieldError("environment_key", "must be at most 100 characters")
+    return Environment(
+        key,
+        changes.get("name", key),
+        changes.get("is_production", False),
+        changes.get("approval_required", False),
+        changes.get("required_approvals", 1),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentSpec:
+    """What a request to start an experiment asks for, checked but for the flag it names."""
+
+    key: str
+    flag_key: str
+    environment: str | None
+    control: str | None
+    metric: str
+    sample_rate: float
+
+
+def parse_experiment(raw: object) -> ExperimentSpec:
+    doc = _Doc(
+        raw,
+        "",
+        ("experiment_key", "flag_key", "environment", "control", "metric", "sample_rate"),
+    )
+    metric = doc.raw.get("metric")
+    if not isinstance(metric, str) or not 1 <= len(metric) <= 200:
+        raise FieldError("metric", "name the conversion event (1-200 characters)")
+    rate = doc.raw.get("sample_rate", 1.0)
+    if not is_number(rate) or not 0 < rate <= 1:
+        raise FieldError("sample_rate", "must be a number in (0, 1]")
+    environment, control = doc.raw.get("environment"), doc.raw.get("control")
+    return ExperimentSpec(
+        key=parse_key(doc.raw.get("experiment_key"), "experiment_key", "experiment key"),
+        flag_key=parse_key(doc.raw.get("flag_key"), "flag_key", "flag key"),
+        environment=str(environment) if environment else None,
+        control=str(control) if control else None,
+        metric=metric,
+        sample_rate=float(rate),
+    )
+
+
 class Conflict(Exception):
     """The change cannot be made in the current state (409)."""
 

@@ -33,6 +33,9 @@ from tenfold.flags.models import (
     Targeting,
     check_references,
     find_cycle,
+    parse_environment,
+    parse_environment_changes,
+    parse_experiment,
     parse_flag,
     parse_segment,
     parse_targeting,
@@ -183,24 +186,15 @@ class FlagsService:
         return doc
 
     async def create_environment(self, raw: Mapping[str, Any], actor: str) -> Environment:
-        env = _environment(raw)
+        env = parse_environment(raw)
         created = await self.store.create_environment(env, actor, self.clock.now_ms())
         await self.changed([created.key])
         return created  # type: ignore[no-any-return]
 
     async def update_environment(self, key: str, raw: Mapping[str, Any], actor: str) -> Environment:
-        changes: dict[str, Any] = {}
-        for name in ("name", "is_production", "approval_required", "required_approvals"):
-            if name in raw:
-                changes[name] = raw[name]
-        unknown = set(raw) - {"name", "is_production", "approval_required", "required_approvals"}
-        if unknown:
-            raise FieldError(sorted(unknown)[0], "is not a known field")
-        if "required_approvals" in changes and not (
-            isinstance(changes["required_approvals"], int)
-            and 1 <= changes["required_approvals"] <= 10
-        ):
-            raise FieldError("required_approvals", "must be a whole number from 1 to 10")
+        if "environment_key" in raw:
+            raise FieldError("environment_key", "is not a known field")
+        changes = parse_environment_changes(raw)
         env = await self.store.update_environment(key, changes, actor, self.clock.now_ms())
         if env is None:
             raise Missing("environment", key)
@@ -613,33 +607,21 @@ class FlagsService:
     # --- experiments -------------------------------------------------------------------------
 
     async def create_experiment(self, raw: Mapping[str, Any], actor: str) -> Experiment:
-        from tenfold.flags.models import parse_key
-
-        allowed = {"experiment_key", "flag_key", "environment", "control", "metric", "sample_rate"}
-        unknown = set(raw) - allowed
-        if unknown:
-            raise FieldError(sorted(unknown)[0], "is not a known field")
-        key = parse_key(raw.get("experiment_key"), "experiment_key", "experiment key")
-        flag_key = parse_key(raw.get("flag_key"), "flag_key", "flag key")
-        env_key = str(raw.get("environment") or self.default_environment)
+        spec = parse_experiment(raw)
+        env_key = spec.environment or self.default_environment
         self.ruleset(env_key)
-        flag, _ = await self.get_flag(flag_key)
-        control = raw.get("control") or flag.default_variation
-        if flag.variation(str(control)) is None:
-            raise FieldError("control", f"flag {flag_key} has no variation {control!r}")
-        metric = raw.get("metric")
-        if not isinstance(metric, str) or not 1 <= len(metric) <= 200:
-            raise FieldError("metric", "name the conversion event (1-200 characters)")
-        rate = raw.get("sample_rate", 1.0)
-        if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 < rate <= 1:
-            raise FieldError("sample_rate", "must be a number in (0, 1]")
+        flag, _ = await self.get_flag(spec.flag_key)
+        control = spec.control or flag.default_variation
+        if flag.variation(control) is None:
+            raise FieldError("control", f"flag {spec.flag_key} has no variation {control!r}")
+        key, flag_key, metric, rate = spec.key, spec.flag_key, spec.metric, spec.sample_rate
         exp = Experiment(
             key,
             flag_key,
             env_key,
-            str(control),
+            control,
             metric,
-            float(rate),
+            rate,
             "running",
             self.clock.now_ms(),
             None,
@@ -776,37 +758,6 @@ class FlagsService:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _environment(raw: Mapping[str, Any]) -> Environment:
-    from tenfold.flags.models import parse_key
-
-    allowed = {
-        "environment_key",
-        "name",
-        "is_production",
-        "approval_required",
-        "required_approvals",
-    }
-    unknown = set(raw) - allowed
-    if unknown:
-        raise FieldError(sorted(unknown)[0], "is not a known field")
-    key = parse_key(raw.get("environment_key"), "environment_key", "environment key")
-    if len(key) > 100:
-        raise FieldError("environment_key", "must be at most 100 characters")
-    name = raw.get("name", key)
-    if not isinstance(name, str) or not 1 <= len(name) <= 255:
-        raise FieldError("name", "must be a string of 1-255 characters")
-    required = raw.get("required_approvals", 1)
-    if not isinstance(required, int) or isinstance(required, bool) or not 1 <= required <= 10:
-        raise FieldError("required_approvals", "must be a whole number from 1 to 10")
-    flags = {}
-    for name_ in ("is_production", "approval_required"):
-        value = raw.get(name_, False)
-        if not isinstance(value, bool):
-            raise FieldError(name_, "must be true or false")
-        flags[name_] = value
-    return Environment(key, name, flags["is_production"], flags["approval_required"], required)
 
 
 def _variation_with(flag: FlagDef, value: Any) -> str | None:
