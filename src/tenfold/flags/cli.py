@@ -20,7 +20,6 @@ flags and segments, replaces what differs and leaves the rest alone, so a re-run
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import graphlib
 from collections.abc import Awaitable, Callable
@@ -34,11 +33,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tenfold.kernel.commands import CliError, database_message, fail
+from tenfold.kernel.commands import CliError, fail, run_command
 
 if TYPE_CHECKING:
     from tenfold.flags.models import ChangeRequest, FlagDef, Segment, Targeting
     from tenfold.flags.service import Applied, FlagsService, Pending
+    from tenfold.kernel.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -75,44 +75,26 @@ def actor() -> str:
 
 def _with_service(job: Callable[[FlagsService], Awaitable[T]]) -> T:
     """Run `job` with this settings' flags service, every environment loaded; one-line errors."""
-    from sqlalchemy.exc import DBAPIError
-
     from tenfold.flags.api import service_for
     from tenfold.flags.models import Conflict, Missing
-    from tenfold.kernel.errors import FieldError, TenfoldError
-    from tenfold.kernel.runtime import Runtime
-    from tenfold.settings import SettingsError, load_settings
+    from tenfold.kernel.errors import FieldError
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise fail(str(exc), 2) from None
+    async def run(runtime: Runtime) -> T:
+        service = service_for(runtime)
+        await service.load()
+        return await job(service)
 
-    async def main() -> T:
-        runtime = Runtime.from_settings(settings)
-        try:
-            service = service_for(runtime)
-            await service.load()
-            return await job(service)
-        finally:
-            await runtime.close()
+    def explain(exc: Exception) -> tuple[str, int] | None:
+        if isinstance(exc, Missing):
+            hint = "; see `tenfold flags list`" if exc.what == "flag" else ""
+            return f"{exc}{hint}", 1
+        if isinstance(exc, Conflict):
+            return exc.message, 1
+        if isinstance(exc, FieldError):
+            return f"{exc.field}: {exc.message}", 2
+        return None
 
-    try:
-        return asyncio.run(main())
-    except CliError as exc:
-        message, code = str(exc), exc.code
-    except Missing as exc:
-        hint = "; see `tenfold flags list`" if exc.what == "flag" else ""
-        message, code = f"{exc}{hint}", 1
-    except Conflict as exc:
-        message, code = exc.message, 1
-    except FieldError as exc:
-        message, code = f"{exc.field}: {exc.message}", 2
-    except SettingsError as exc:
-        message, code = str(exc), 2
-    except (DBAPIError, OSError, TenfoldError) as exc:
-        message, code = database_message(exc), 1
-    raise fail(message, code)
+    return run_command(run, explain)
 
 
 def _environment(service: FlagsService, requested: str | None) -> str:

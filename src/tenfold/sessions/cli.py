@@ -17,11 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tenfold.kernel.commands import CliError, database_message, fail
+from tenfold.kernel.commands import CliError, fail, run_command
 from tenfold.sessions.models import SessionType
 
 if TYPE_CHECKING:
     from tenfold.kernel.crypto import KeyRing, Purpose
+    from tenfold.kernel.runtime import Runtime
     from tenfold.sessions.client import UserSession
     from tenfold.sessions.service import SessionService
     from tenfold.sessions.stores.sql import SqlSessionStore
@@ -43,45 +44,26 @@ SETTLE_MARGIN_SECONDS = 5.0
 
 def _with_service(job: Callable[[SessionService], Awaitable[T]]) -> T:
     """Run `job` with this settings' SessionService (its key ring open), then close it all."""
-    from sqlalchemy.exc import DBAPIError
-
     from tenfold.kernel.crypto import CryptoError
-    from tenfold.kernel.errors import TenfoldError
-    from tenfold.kernel.runtime import Runtime
     from tenfold.sessions.api import open_ring, service_for
     from tenfold.sessions.models import SessionError
-    from tenfold.settings import SettingsError, load_settings
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise fail(str(exc), 2) from None
-
-    async def main() -> T:
-        runtime = Runtime.from_settings(settings)
+    async def run(runtime: Runtime) -> T:
+        service = service_for(runtime)
+        service.ring = await open_ring(runtime)
         try:
-            service = service_for(runtime)
-            service.ring = await open_ring(runtime)
-            try:
-                return await job(service)
-            finally:
-                await service.stop()
+            return await job(service)
         finally:
-            await runtime.close()
+            await service.stop()
 
-    try:
-        return asyncio.run(main())
-    except CliError as exc:
-        message, code = str(exc), exc.code
-    except SessionError as exc:
-        message, code = f"{exc.field}: {exc.message}", 2
-    except SettingsError as exc:
-        message, code = str(exc), 2
-    except CryptoError as exc:
-        message, code = f"key ring: {exc}", 1
-    except (DBAPIError, OSError, TenfoldError) as exc:
-        message, code = database_message(exc), 1
-    raise fail(message, code)
+    def explain(exc: Exception) -> tuple[str, int] | None:
+        if isinstance(exc, SessionError):
+            return f"{exc.field}: {exc.message}", 2
+        if isinstance(exc, CryptoError):
+            return f"key ring: {exc}", 1
+        return None
+
+    return run_command(run, explain)
 
 
 def _when(ms: int) -> datetime:

@@ -22,9 +22,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tenfold.kernel.commands import CliError, database_message, fail
+from tenfold.kernel.commands import CliError, fail, run_command
 
 if TYPE_CHECKING:
+    from tenfold.kernel.runtime import Runtime
     from tenfold.shortener.client import ShortenerClient
 
 T = TypeVar("T")
@@ -120,55 +121,39 @@ def _locally(job: Callable[[ShortenerClient], Awaitable[T]], *, analytics: bool)
     from tenfold.kernel.analytics import DuckDBStore
     from tenfold.kernel.auth import Principal
     from tenfold.kernel.errors import TenfoldError
-    from tenfold.kernel.runtime import Runtime
-    from tenfold.settings import SettingsError, load_settings
     from tenfold.shortener.api import recorder_for, service_for
     from tenfold.shortener.client import ShortenerClient, ShortenerClientError
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise fail(str(exc), 2) from None
     principal = Principal(OWNER, "tenfold shortener CLI", frozenset({"shortener:admin"}), OWNER)
     duckdb: DuckDBStore | None = None
 
-    async def main() -> T:
+    async def run(runtime: Runtime) -> T:
         nonlocal duckdb
-        runtime = Runtime.from_settings(settings)
+        service = service_for(runtime)
+        # Only `stats` opens the analytics store (embedded: a file one process may open).
+        recorder: Any = recorder_for(runtime, in_process=True) if analytics else None
+        service.recorder = recorder
         try:
-            service = service_for(runtime)
-            # Only `stats` opens the analytics store (embedded: a file one process may open).
-            recorder: Any = recorder_for(runtime, in_process=True) if analytics else None
-            service.recorder = recorder
-            try:
-                if recorder is not None:
-                    if isinstance(recorder.store, DuckDBStore):
-                        duckdb = recorder.store
-                    await recorder.start()  # its tables, in case no server has made them yet
-                return await job(ShortenerClient.in_process(service, principal))
-            finally:
-                if recorder is not None:
-                    await recorder.close()
+            if recorder is not None:
+                if isinstance(recorder.store, DuckDBStore):
+                    duckdb = recorder.store
+                await recorder.start()  # its tables, in case no server has made them yet
+            return await job(ShortenerClient.in_process(service, principal))
         finally:
-            await runtime.close()
+            if recorder is not None:
+                await recorder.close()
 
-    try:
-        return asyncio.run(main())
-    except ShortenerClientError as exc:
-        if exc.status == 503 and duckdb is not None:
-            message, code = _duckdb_busy(duckdb, exc.detail), 1
-        else:
-            message, code = _client_message(exc, None)
-    except CliError as exc:
-        message, code = str(exc), exc.code
-    except SettingsError as exc:
-        message, code = str(exc), 2
-    except (DBAPIError, OSError, TenfoldError) as exc:
-        if duckdb is not None and "duckdb" in str(exc).lower():
-            message, code = _duckdb_busy(duckdb, str(exc)), 1
-        else:
-            message, code = database_message(exc), 1
-    raise fail(message, code)
+    def explain(exc: Exception) -> tuple[str, int] | None:
+        if isinstance(exc, ShortenerClientError):
+            if exc.status == 503 and duckdb is not None:
+                return _duckdb_busy(duckdb, exc.detail), 1
+            return _client_message(exc, None)
+        if isinstance(exc, DBAPIError | OSError | TenfoldError):
+            if duckdb is not None and "duckdb" in str(exc).lower():
+                return _duckdb_busy(duckdb, str(exc)), 1
+        return None
+
+    return run_command(run, explain)
 
 
 def _duckdb_busy(store: Any, detail: str) -> str:
