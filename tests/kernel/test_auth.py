@@ -20,6 +20,7 @@ from tenfold.kernel.auth import (
     KeyStore,
     grants,
     key_from_headers,
+    key_from_scope,
     parse_scope,
     split_key,
 )
@@ -150,6 +151,25 @@ async def test_a_busy_key_is_refreshed_before_it_expires(
     assert not keys._loading
 
 
+async def test_a_verified_key_is_known_without_io_until_its_entry_wants_refreshing(
+    keys: KeyStore, clock: ManualClock
+) -> None:
+    record, plaintext = await keys.create("k", ["*"])
+    wrong = plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")
+    assert keys.verified(plaintext) is None  # never verified yet
+    assert await keys.verify(wrong) is None
+    assert keys.verified(wrong) is None  # a refused key is never remembered
+    principal = await keys.verify(plaintext)
+    assert principal is not None and keys.verified(plaintext) == principal
+    clock.advance(CACHE_SECONDS * 0.85)  # in the refresh-ahead window: back to `verify`
+    assert keys.verified(plaintext) is None
+    assert await keys.verify(plaintext) == principal
+    await asyncio.gather(*keys._loading.values())
+    assert await keys.verify(plaintext) == principal and keys.verified(plaintext) == principal
+    await keys.revoke(record.key_id)
+    assert keys.verified(plaintext) is None and await keys.verify(plaintext) is None
+
+
 @pytest.mark.parametrize("scopes", [[], ["ratelimit"], ["ratelimit:delete"], [":read"], ["*:*"]])
 async def test_create_refuses_bad_scopes_and_writes_nothing(
     keys: KeyStore, engine: AsyncEngine, scopes: list[str]
@@ -210,6 +230,13 @@ def test_parse_scope() -> None:
 )
 def test_key_from_headers(headers: dict[str, str], presented: str | None) -> None:
     assert key_from_headers(headers) == presented
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    assert key_from_scope({"headers": [(b"host", b"t"), *raw]}) == presented
+
+
+def test_key_from_scope_takes_the_first_of_repeated_headers() -> None:
+    raw = [(b"x-api-key", b"tf_first_x"), (b"x-api-key", b"tf_second_x")]
+    assert key_from_scope({"headers": raw}) == "tf_first_x"
 
 
 @pytest.mark.parametrize(

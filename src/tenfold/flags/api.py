@@ -28,7 +28,7 @@ from tenfold.flags.evaluation import (
 from tenfold.flags.models import ChangeRequest, Conflict, Missing
 from tenfold.flags.service import CHANNEL, Applied, FlagsService, Pending
 from tenfold.flags.stores.sql import SqlFlagStore
-from tenfold.kernel.auth import Principal, authenticate, require
+from tenfold.kernel.auth import Principal, authenticate, known_principal, require
 from tenfold.kernel.errors import FieldError
 from tenfold.kernel.http import (
     InvalidField,
@@ -109,13 +109,16 @@ def _context(body: Mapping[str, Any], name: str) -> dict[str, Any]:
 def _count(
     service: FlagsService, env: str, results: list[Evaluation], ctx: Mapping[str, Any]
 ) -> None:
-    user = ctx.get("user_id") or ctx.get("targetingKey")
+    service.count_all(env, results)
     exps = service.experiments.get(env)
+    if not exps:
+        return
+    user = ctx.get("user_id") or ctx.get("targetingKey")
+    if not isinstance(user, str):
+        return
     for r in results:
-        if r.error_code is None:
-            service.count(env, r.flag_key, r.variation)
-            if exps and isinstance(user, str) and r.variation is not None:
-                service.expose(env, r.flag_key, r.variation, user, service.clock.now_ms())
+        if r.error_code is None and r.variation is not None:
+            service.expose(env, r.flag_key, r.variation, user, service.clock.now_ms())
 
 
 # --- evaluation (lean) -----------------------------------------------------------------------
@@ -126,7 +129,9 @@ def evaluate_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
     keys = runtime.keys
 
     async def handle(scope: Any, raw: bytes) -> LeanResult:
-        principal = await authenticate(scope, RawHeaders(scope), keys, "flags:read")
+        principal = known_principal(scope, "flags:read") or await authenticate(
+            scope, RawHeaders(scope), keys, "flags:read"
+        )
         if len(raw) > MAX_CONTEXT_BYTES + 64 * MAX_FLAG_KEYS:
             raise Problem(413, "body-too-large", "the evaluation request is too large")
         body = json_object(raw)
@@ -155,7 +160,7 @@ def evaluate_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
         payload = {
             "environment": env,
             "revision": ruleset.revision,
-            "evaluations": [r.to_dict() for r in results],
+            "evaluations": [r.doc for r in results],
         }
         return 200, orjson.dumps(payload), []
 
@@ -205,7 +210,9 @@ async def _ofrep_request(
     service: FlagsService, runtime: Runtime, scope: Any, raw: bytes
 ) -> tuple[str, Ruleset, dict[str, Any]]:
     """The environment, its ruleset and the context of an OFREP request, or `_Refused`."""
-    principal = await authenticate(scope, RawHeaders(scope), runtime.keys, "flags:read")
+    principal = known_principal(scope, "flags:read") or await authenticate(
+        scope, RawHeaders(scope), runtime.keys, "flags:read"
+    )
     try:
         body = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError:

@@ -12,7 +12,7 @@ import structlog
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from tenfold.kernel.auth import Principal, authenticate, require
+from tenfold.kernel.auth import Principal, authenticate, known_principal, require
 from tenfold.kernel.http import (
     Conflict,
     InvalidField,
@@ -323,7 +323,9 @@ def check_handler(service: RateLimitService, runtime: Runtime) -> LeanFunction:
     keys = runtime.keys
 
     async def handle(scope: Any, raw: bytes) -> LeanResult:
-        await authenticate(scope, RawHeaders(scope), keys, "ratelimit:write")
+        known_principal(scope, "ratelimit:write") or await authenticate(
+            scope, RawHeaders(scope), keys, "ratelimit:write"
+        )
         req = _parse_check(json_object(raw))
         ctx = CheckContext(
             req["client_id"], req["api_key"], req["resource"], req["ip"], req["region"]

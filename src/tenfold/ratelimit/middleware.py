@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tenfold.kernel.auth import key_from_headers
+from tenfold.kernel.auth import key_from_headers, key_from_scope
 from tenfold.kernel.errors import BackendUnavailable
 from tenfold.kernel.http import (
     PROBLEM_CONTENT_TYPE,
@@ -156,6 +156,7 @@ def guard(
     public_prefixes = ("/r/",)
     limit_public = settings.ratelimit_limit_public
     cache: dict[str, set[str]] = {}
+    keys = runtime.keys
 
     async def decide(scope: Scope) -> Verdict | None:
         path: str = scope["path"]
@@ -167,9 +168,9 @@ def guard(
                 public = cache["paths"] = public_paths()
             if path in public or path.startswith(public_prefixes):
                 return None
-        presented = key_from_headers(RawHeaders(scope))
+        presented = key_from_scope(scope)
         if presented:
-            principal = await runtime.keys.verify(presented)
+            principal = keys.verified(presented) or await keys.verify(presented)
             if principal is not None:
                 scope.setdefault("state", {})["principal"] = principal
                 client_id = f"key:{principal.key_id}"
