@@ -146,3 +146,29 @@ async def test_stale_flags(flags_api: Any) -> None:
             "off",
         )
         assert "newborn" not in stale
+
+
+async def test_evaluations_are_counted_by_variation_in_bounded_batches(flags_api: Any) -> None:
+    from tenfold.flags import service as flags_service
+
+    async with flags_api() as api:
+        service = api.service
+        await _split_flag(api, "counted")
+        for i in range(40):
+            await api.evaluate(["counted", "no-such-flag"], {"user_id": f"user-{i}"})
+        assert len(service._evaluated) == 40  # queued by the requests, added up later
+        await service.flush()
+        assert service._evaluated == [] and service._usage == {}
+        rows = await service.store.usage_since("production", "1970-01-01")
+        served = {variation: n for flag, _, variation, n, _ in rows if flag == "counted"}
+        assert sum(served.values()) == 40 and set(served) <= {"on", "off"}
+        assert {flag for flag, *_ in rows} == {"counted"}  # a failed evaluation is not a use
+
+        results = service.rulesets["production"].evaluate_all({"user_id": "u"})
+        per_request = len([r for r in results if r.error_code is None])
+        requests = flags_service.FOLD_EVERY + 5
+        for _ in range(requests):
+            service.count_all("production", results)
+        assert len(service._evaluated) < flags_service.FOLD_EVERY  # added up as it filled
+        counted = sum(service._usage.values()) + len(service._evaluated) * per_request
+        assert counted == requests * per_request

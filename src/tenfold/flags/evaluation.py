@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tenfold.flags.models import (
@@ -71,6 +71,12 @@ class Evaluation:
     error_code: str | None = None
     rule_id: str | None = None
     error_message: str | None = None
+    # to_dict(), made once: answers are built when a ruleset is compiled and served many times.
+    # Shared like `value`: serialise it, never change it.
+    doc: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "doc", self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         out = {

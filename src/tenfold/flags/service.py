@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from tenfold.flags import stats
-from tenfold.flags.evaluation import Ruleset, exposure_sampled
+from tenfold.flags.evaluation import Evaluation, Ruleset, exposure_sampled
 from tenfold.flags.models import (
     RESERVED_FLAG_KEYS,
     ChangeRequest,
@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 CHANNEL = "flags:changes"
 MAX_QUEUED_EVENTS = 100_000
+FOLD_EVERY = 10_000  # requests whose evaluations wait to be counted (see count_all)
 STREAM_QUEUE = 256  # changes a slow stream may fall behind before it is closed and reconnects
 
 
@@ -84,6 +85,7 @@ class FlagsService:
         default_factory=list
     )
     _usage: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    _evaluated: list[tuple[str, Sequence[Evaluation]]] = field(default_factory=list)
     _exposures: list[tuple[str, str, str, int]] = field(default_factory=list)
     _conversions: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
     _guards: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -554,7 +556,24 @@ class FlagsService:
         k = (flag_key, env_key, variation or "")
         self._usage[k] = self._usage.get(k, 0) + n
 
+    def count_all(self, env_key: str, results: Sequence[Evaluation]) -> None:
+        """Count one request's evaluations (not the failed ones). The request only queues
+        them; they are added up at the next flush, or once FOLD_EVERY requests wait."""
+        self._evaluated.append((env_key, results))
+        if len(self._evaluated) >= FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        pending, self._evaluated = self._evaluated, []
+        usage = self._usage
+        for env_key, results in pending:
+            for r in results:
+                if r.error_code is None:
+                    k = (r.flag_key, env_key, r.variation or "")
+                    usage[k] = usage.get(k, 0) + 1
+
     async def flush(self) -> None:
+        self._fold()
         usage, self._usage = self._usage, {}
         exposures, self._exposures = self._exposures, []
         conversions, self._conversions = self._conversions, {}
