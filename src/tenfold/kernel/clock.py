@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -44,3 +45,22 @@ class ManualClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+_SECONDS: dict[int, str] = {}  # whole seconds -> "YYYY-MM-DDTHH:MM:SS", for rfc3339_ms
+
+
+def rfc3339_ms(ms: int) -> str:
+    """A millisecond timestamp as RFC 3339 text in UTC, exactly as orjson writes the aware
+    datetime (OPT_UTC_Z): "2026-11-28T08:02:28.421000Z", no fraction on a whole second.
+
+    Hot paths answer timestamps a few seconds apart, so each second's text is made once.
+    """
+    seconds, milli = divmod(ms, 1000)
+    text = _SECONDS.get(seconds)
+    if text is None:
+        if len(_SECONDS) >= 512:
+            _SECONDS.clear()
+        moment = datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+        text = _SECONDS[seconds] = moment.isoformat()
+    return f"{text}.{milli:03d}000Z" if milli else text + "Z"
