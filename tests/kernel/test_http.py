@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tenfold.app import build_app
 from tenfold.kernel.clock import ManualClock
-from tenfold.kernel.http import EdgeMiddleware
+from tenfold.kernel.http import EdgeMiddleware, client_ip, parse_networks
 from tenfold.kernel.runtime import Runtime
 from tenfold.settings import Settings
 from tests.conftest import make_settings, serve_app
@@ -446,3 +446,33 @@ async def test_fast_lane_routes_exact_and_one_parameter_paths() -> None:
         assert (await client.get("/s/abc/validate")).status_code == 599
     with pytest.raises(ValueError, match="one parameter"):
         FastLane(framework, [LeanRoute("POST", "/s/{a}/{b}", echo)])
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("198.51.100.9", "203.0.113.5", "198.51.100.9"),  # an untrusted peer speaks for itself
+        ("10.1.2.3", "203.0.113.5", "203.0.113.5"),
+        ("10.1.2.3", "203.0.113.5, 10.9.9.9", "203.0.113.5"),  # the right-most untrusted hop
+        ("10.1.2.3", "not-an-address, 10.9.9.9", "not-an-address"),
+        ("10.1.2.3", "10.0.0.1, 10.0.0.2", "10.0.0.1"),  # all trusted: the first one
+        ("10.1.2.3", None, "10.1.2.3"),
+        ("::1", "2001:db8::7", "2001:db8::7"),
+    ],
+)
+def test_client_ip_through_trusted_proxies(peer: str, forwarded: str | None, expected: str) -> None:
+    trusted = parse_networks(["10.0.0.0/8", "::1"])
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    scope = {"client": (peer, 5000), "headers": headers}
+    for _ in range(2):  # the second time from what the networks remember
+        assert client_ip(scope, trusted) == expected
+    assert client_ip(scope, parse_networks([])) == peer
+
+
+def test_trusted_proxies_remember_a_bounded_number_of_addresses() -> None:
+    trusted = parse_networks(["10.0.0.0/8"])
+    for i in range(5000):
+        assert (f"10.0.{i // 256}.{i % 256}" in trusted) is True
+        assert (f"192.0.{i // 256}.{i % 256}" in trusted) is False
+    assert len(trusted._known) <= 4096
+    assert "999.1.1.1" not in trusted and 42 not in trusted

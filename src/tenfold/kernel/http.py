@@ -430,8 +430,33 @@ class RawHeaders:
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(i, strict=False) for i in items)
+class TrustedProxies:
+    """The networks whose X-Forwarded-For is believed. Remembers what it answered for each
+    address (a few proxies and recurring clients): parsing an address costs more than a
+    lean request's whole handler."""
+
+    __slots__ = ("_known", "networks")
+
+    def __init__(self, networks: Sequence[Network]) -> None:
+        self.networks = tuple(networks)
+        self._known: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        known = self._known.get(address)
+        if known is None:
+            if len(self._known) >= 4096:
+                self._known.clear()
+            known = self._known[address] = _trusted(address, self.networks)
+        return known
+
+
+def parse_networks(items: Sequence[str]) -> TrustedProxies:
+    return TrustedProxies([ipaddress.ip_network(i, strict=False) for i in items])
 
 
 def _trusted(address: str, networks: Sequence[Network]) -> bool:
@@ -442,18 +467,18 @@ def _trusted(address: str, networks: Sequence[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
-def client_ip(scope: Scope, trusted: Sequence[Network]) -> str | None:
+def client_ip(scope: Scope, trusted: TrustedProxies) -> str | None:
     """The peer address; through trusted proxies, the right-most untrusted X-Forwarded-For hop."""
     client = scope.get("client")
     peer: str | None = str(client[0]) if client else None
-    if peer is None or not trusted or not _trusted(peer, trusted):
+    if peer is None or not trusted or peer not in trusted:
         return peer
     forwarded = RawHeaders(scope).get("x-forwarded-for")
     if not forwarded:
         return peer
     hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, trusted):
+        if hop not in trusted:
             return hop
     return hops[0] if hops else peer
 
