@@ -13,6 +13,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from tenfold.kernel.auth import Principal, authenticate, known_principal, require
+from tenfold.kernel.clock import rfc3339_ms
 from tenfold.kernel.http import (
     Conflict,
     InvalidField,
@@ -43,6 +44,8 @@ from tenfold.ratelimit.stores.sql import SqlPolicyStore
 log = structlog.get_logger(__name__)
 
 MAX_ID = 255
+MAX_RESOURCE = 2048
+MAX_LABEL = 64  # ip, region
 MAX_POLICY_ID = 2**31 - 1  # the column is a 32-bit integer on PostgreSQL
 MAX_CLIENTS_PER_CALL = 1_000
 POLL_SECONDS = 1.0  # fallback when a pub/sub message is lost, and for CLI changes
@@ -56,11 +59,11 @@ class CheckRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     client_id: str = Field(min_length=1, max_length=MAX_ID)
     api_key: str = Field(max_length=MAX_ID)
-    resource: str = Field(max_length=2048)
+    resource: str = Field(max_length=MAX_RESOURCE)
     weight: int = Field(default=1, ge=1)
     async_: bool = Field(default=False, alias="async")
-    ip: str = Field(default="", max_length=64)
-    region: str = Field(default="", max_length=64)
+    ip: str = Field(default="", max_length=MAX_LABEL)
+    region: str = Field(default="", max_length=MAX_LABEL)
 
 
 class AppliedOut(BaseModel):
@@ -218,7 +221,7 @@ def check_body(result: CheckResult, now_ms: int) -> dict[str, Any]:
             "shadow": a.policy.shadow,
             "limit": a.decision.limit,
             "remaining_quota": a.decision.remaining,
-            "reset_time": _at(now_ms, a.decision.reset_ms),
+            "reset_time": rfc3339_ms(now_ms + a.decision.reset_ms),
             "retry_after": a.decision.retry_ms / 1000,
         }
         for a in result.applied
@@ -326,13 +329,13 @@ def check_handler(service: RateLimitService, runtime: Runtime) -> LeanFunction:
         known_principal(scope, "ratelimit:write") or await authenticate(
             scope, RawHeaders(scope), keys, "ratelimit:write"
         )
-        req = _parse_check(json_object(raw))
-        ctx = CheckContext(
-            req["client_id"], req["api_key"], req["resource"], req["ip"], req["region"]
+        client_id, api_key, resource, ip, region, weight, background = _parse_check(
+            json_object(raw)
         )
+        ctx = CheckContext(client_id, api_key, resource, ip, region)
         now = service.clock.now_ms()
         try:
-            result = await service.check(ctx, req["weight"], background=req["async"])
+            result = await service.check(ctx, weight, background=background)
         except LimitError as exc:
             raise InvalidField(exc.field, exc.message) from None
         headers = []
@@ -526,14 +529,49 @@ def build_router(
     return router
 
 
-def _parse_check(body: dict[str, Any]) -> dict[str, Any]:
+CheckFields = tuple[str, str, str, str, str, int, bool]
+_CHECK_FIELDS = frozenset({"client_id", "api_key", "resource", "ip", "region", "weight", "async"})
+
+
+def _parse_check(body: dict[str, Any]) -> CheckFields:
+    """(client_id, api_key, resource, ip, region, weight, async) of a check body. A body of
+    the usual shape is taken at a glance; anything else goes through `_check_fields`, which
+    says what is wrong with it."""
+    client_id = body.get("client_id")
+    api_key = body.get("api_key")
+    resource = body.get("resource")
+    ip = body.get("ip", "")
+    region = body.get("region", "")
+    weight = body.get("weight", 1)
+    background = body.get("async", False)
+    if (
+        type(client_id) is str
+        and 0 < len(client_id) <= MAX_ID
+        and type(api_key) is str
+        and len(api_key) <= MAX_ID
+        and type(resource) is str
+        and len(resource) <= MAX_RESOURCE
+        and type(ip) is str
+        and len(ip) <= MAX_LABEL
+        and type(region) is str
+        and len(region) <= MAX_LABEL
+        and type(weight) is int
+        and weight >= 1
+        and type(background) is bool
+        and body.keys() <= _CHECK_FIELDS
+    ):
+        return client_id, api_key, resource, ip, region, weight, background
+    return _check_fields(body)
+
+
+def _check_fields(body: dict[str, Any]) -> CheckFields:
     out: dict[str, Any] = {}
     for name, required, limit in (
         ("client_id", True, MAX_ID),
         ("api_key", True, MAX_ID),
-        ("resource", True, 2048),
-        ("ip", False, 64),
-        ("region", False, 64),
+        ("resource", True, MAX_RESOURCE),
+        ("ip", False, MAX_LABEL),
+        ("region", False, MAX_LABEL),
     ):
         value = body.get(name)
         if value is None:
@@ -548,15 +586,21 @@ def _parse_check(body: dict[str, Any]) -> dict[str, Any]:
     weight = body.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
         raise InvalidField("weight", "must be a positive integer")
-    out["weight"] = weight
     background = body.get("async", False)
     if not isinstance(background, bool):
         raise InvalidField("async", "must be true or false")
-    out["async"] = background
-    unknown = set(body) - {"client_id", "api_key", "resource", "ip", "region", "weight", "async"}
+    unknown = set(body) - _CHECK_FIELDS
     if unknown:
         raise InvalidField(sorted(unknown)[0], "is not a known field")
-    return out
+    return (
+        out["client_id"],
+        out["api_key"],
+        out["resource"],
+        out["ip"],
+        out["region"],
+        weight,
+        background,
+    )
 
 
 # --- wiring --------------------------------------------------------------------------------

@@ -311,12 +311,15 @@ class RateLimitService:
         policies, limits, probes = plan.policies, plan.limits, plan.probes
         if not probes:
             return CheckResult(True, (), None)
-        for limit in limits:
-            check_weight(limit, weight)
+        if weight != 1:  # every capacity is at least 1
+            for limit in limits:
+                check_weight(limit, weight)
         now = self.clock.now_ms()
         degraded = False
         if background:
             decisions = await self._decide_in_background(probes, now, weight)
+        elif type(self.counters) is MemoryCounterStore:  # cannot fail: no breaker to consult
+            decisions = self.counters.hit(probes, now, weight)
         else:
             decisions, degraded = await self._decide(policies, probes, now, weight)
         result = self._summarise(policies, limits, decisions, degraded)
