@@ -52,6 +52,7 @@ VALIDATIONS = HotCounter(
     ("outcome",),
     registry=REGISTRY,
 )
+VALID = VALIDATIONS.labels("valid")
 SUSPICIOUS = HotCounter(
     "tenfold_sessions_suspicious_total",
     "Risk signals seen on validation (network, country, fingerprint changes; token theft).",
@@ -360,7 +361,7 @@ class SessionService:
         if now - entry.persisted_seen_ms >= TOUCH_EVERY_MS:
             entry.persisted_seen_ms = now
             self._seen[rec.session_id] = now
-        VALIDATIONS.labels("valid").inc()
+        VALID.inc()
         return Validation(
             True,
             None,
@@ -435,7 +436,7 @@ class SessionService:
             return self._refused(reason)
         if claims.get("iss") != self.config.issuer:
             return self._refused(Reason.BAD_SECRET)
-        VALIDATIONS.labels("valid").inc()
+        VALID.inc()
         return Validation(
             True,
             None,
