@@ -128,10 +128,13 @@ def bucketer(salt: str) -> Callable[[str], int]:
     return bucket_of
 
 
+_ALIASED = {"user_id": "targetingKey", "targetingKey": "user_id"}  # each stands in for the other
+
+
 def attribute_getter(name: str) -> Callable[[Context], Any]:
     """Reads `name` from a context: a top-level key, else a dotted path into nested objects.
     `user_id` and OpenFeature's `targetingKey` stand in for each other."""
-    alias = {"user_id": "targetingKey", "targetingKey": "user_id"}.get(name)
+    alias = _ALIASED.get(name)
     path = tuple(name.split(".")) if "." in name else ()
 
     if alias is None and not path:
@@ -236,18 +239,41 @@ def compile_condition(cond: Condition, segments: Mapping[str, Predicate]) -> Pre
     get = attribute_getter(cond.attribute)
     test = _scalar_test(cond)
     negate = cond.negate
+    name = cond.attribute
+    if name in _ALIASED or "." in name:
 
-    def predicate(ctx: Context) -> bool:
-        value = get(ctx)
+        def predicate(ctx: Context) -> bool:
+            value = get(ctx)
+            if value is None:
+                return False
+            if isinstance(value, list):
+                hit = any(test(item) for item in value)
+            else:
+                hit = test(value)
+            return hit is not negate
+
+        return predicate
+    # The same for a top-level attribute, read in place; equality on a string is answered
+    # inline. Most conditions are these, and an evaluation runs several per flag.
+    strings = (
+        frozenset(v for v in cond.values if isinstance(v, str))
+        if cond.operator in ("equals", "in")
+        else None
+    )
+
+    def top_level(ctx: Context) -> bool:
+        value = ctx.get(name)
         if value is None:
             return False
+        if strings is not None and value.__class__ is str:
+            return (value in strings) is not negate
         if isinstance(value, list):
             hit = any(test(item) for item in value)
         else:
             hit = test(value)
         return hit is not negate
 
-    return predicate
+    return top_level
 
 
 def compile_segment(segment: Segment) -> Predicate:
@@ -380,7 +406,10 @@ class CompiledFlag:
         return _Split(ranges)
 
     def bucket_of(self, ctx: Context) -> int | None:
-        text = bucket_text(self.get_bucket_value(ctx))
+        value = self.get_bucket_value(ctx)
+        if value.__class__ is str:  # the usual case, without bucket_text's checks
+            return self.salted(value)
+        text = bucket_text(value)
         return None if text is None else self.salted(text)
 
     def evaluate(
