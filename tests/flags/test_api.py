@@ -91,6 +91,28 @@ async def test_unknown_flags_answer_the_callers_default_not_an_error(flags_api: 
         assert got["missing"]["error_code"] == "FLAG_NOT_FOUND"
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"flag_keys": ["f", 7]}, "flag_keys[1]"),
+        ({"flag_keys": [["f"], "f"]}, "flag_keys[0]"),  # cannot even be looked up
+        ({"flag_keys": ["f", {"k": 1}]}, "flag_keys[1]"),
+        ({"flag_keys": "f"}, "flag_keys"),
+        ({"flag_keys": ["f"], "context": {}}, "context"),
+        ({"flag_keys": ["f"], "environment": 3}, "environment"),
+        ({"flag_keys": ["f"], "user_context": []}, "user_context"),
+    ],
+)
+async def test_bad_evaluation_requests_are_422_naming_the_field(
+    flags_api: Any, body: dict[str, Any], field: str
+) -> None:
+    async with flags_api() as api:
+        await api.create("f")
+        r = await api.http.post("/api/v1/evaluate", json=body, headers=api.admin)
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["field"] == field
+
+
 async def test_multivariate_split_and_default_rule(flags_api: Any) -> None:
     async with flags_api() as api:
         await api.create(

@@ -22,6 +22,7 @@ from tenfold.flags.evaluation import (
     FLAG_NOT_FOUND,
     INVALID_CONTEXT,
     PREREQUISITE_FAILED,
+    Context,
     Evaluation,
     Ruleset,
 )
@@ -124,6 +125,35 @@ def _count(
 # --- evaluation (lean) -----------------------------------------------------------------------
 
 
+_EVALUATE_FIELDS = frozenset({"flag_keys", "user_context", "environment"})
+
+
+def _string_keys(flag_keys: list[Any]) -> None:
+    for i, k in enumerate(flag_keys):
+        if not isinstance(k, str):
+            raise InvalidField(f"flag_keys[{i}]", "must be a string")
+
+
+def _evaluate_keys(ruleset: Ruleset, flag_keys: list[Any], ctx: Context) -> list[Evaluation]:
+    """`ruleset.evaluate` of each key, the compiled flags called in place. A key that is not
+    a string finds no flag, or cannot be looked up: then the keys are checked one by one."""
+    flags = ruleset.flags
+
+    def absent(key: Any) -> Evaluation:
+        if not isinstance(key, str):
+            _string_keys(flag_keys)
+        return ruleset.evaluate(key, ctx)
+
+    try:
+        return [
+            c.evaluate(ctx, flags) if (c := flags.get(k)) is not None else absent(k)
+            for k in flag_keys
+        ]
+    except TypeError:  # an unhashable key (a list, an object)
+        _string_keys(flag_keys)
+        raise
+
+
 def evaluate_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
     """POST /api/v1/evaluate {flag_keys, user_context, environment}."""
     keys = runtime.keys
@@ -135,15 +165,19 @@ def evaluate_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
         if len(raw) > MAX_CONTEXT_BYTES + 64 * MAX_FLAG_KEYS:
             raise Problem(413, "body-too-large", "the evaluation request is too large")
         body = json_object(raw)
-        unknown = set(body) - {"flag_keys", "user_context", "environment"}
-        if unknown:
+        if not body.keys() <= _EVALUATE_FIELDS:
+            unknown = body.keys() - _EVALUATE_FIELDS
             raise InvalidField(sorted(unknown)[0], "is not a known field")
         ctx = _context(body, "user_context")
         env_name = body.get("environment")
         if env_name is not None and not isinstance(env_name, str):
             raise InvalidField("environment", "must be a string")
-        with errors:
-            env = service.environment_for(env_name, principal.key_id)
+        bound = service.key_environments.get(principal.key_id)
+        if bound is not None and (env_name is None or env_name == bound):
+            env = bound  # an SDK key bound to its environment: the usual call
+        else:
+            with errors:
+                env = service.environment_for(env_name, principal.key_id)
         ruleset = service.rulesets[env]
         flag_keys = body.get("flag_keys")
         if flag_keys is None:
@@ -151,11 +185,7 @@ def evaluate_handler(service: FlagsService, runtime: Runtime) -> LeanFunction:
         else:
             if not isinstance(flag_keys, list) or len(flag_keys) > MAX_FLAG_KEYS:
                 raise InvalidField("flag_keys", f"must be a list of at most {MAX_FLAG_KEYS} keys")
-            for i, k in enumerate(flag_keys):
-                if not isinstance(k, str):
-                    raise InvalidField(f"flag_keys[{i}]", "must be a string")
-            evaluate = ruleset.evaluate
-            results = [evaluate(k, ctx) for k in flag_keys]
+            results = _evaluate_keys(ruleset, flag_keys, ctx)
         _count(service, env, results, ctx)
         payload = {
             "environment": env,
