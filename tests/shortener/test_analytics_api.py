@@ -76,6 +76,28 @@ async def _clicks_reach_the_report(app: Any, client: Any, headers: dict[str, str
     assert got["click_count"] == 4
 
 
+async def test_the_server_sends_each_distinct_click_once_with_its_count(
+    served: Any, clock: ManualClock
+) -> None:
+    app, client, headers = served
+    service = app.state.runtime.services["shortener"]
+    r = await client.post("/api/v1/urls", json={"url": "https://example.com"}, headers=headers)
+    code = r.json()["short_code"]
+    for ua, times in ((CHROME, 30), (IPHONE, 4), (BOT, 2)):
+        for _ in range(times):
+            assert (await client.get(f"/r/{code}", headers={"user-agent": ua})).status_code == 302
+    clock.advance(1.0)  # a second later: the same visitor's click is another entry
+    assert (await client.get(f"/r/{code}", headers={"user-agent": CHROME})).status_code == 302
+    recorder = service.recorder
+    assert recorder.buffered == 37 and len(recorder._pending) == 4
+    await service.flush()
+    assert recorder.buffered == 0
+    report = (await client.get(f"/api/v1/analytics/{code}", headers=headers)).json()
+    assert report["total_clicks"] == 35 and report["unique_clicks"] == 2
+    assert report["bot_clicks"] == 2
+    assert report["device_breakdown"]["browsers"]["Chrome"] == 31
+
+
 async def test_redirects_survive_an_unreachable_analytics_store(
     stack: dict[str, Any], clock: ManualClock, admin_key_of: Any
 ) -> None:

@@ -204,6 +204,17 @@ async def test_full_buffer_drops_and_keeps_answering(clock: ManualClock) -> None
     await rec.store.close()
 
 
+async def test_counted_entries_fill_the_bound_in_clicks(clock: ManualClock) -> None:
+    rec = ClickRecorder(DuckDBStore(None), clock=clock, salt_key=KEY, capacity=10)
+    click = (ms(DAY1), "s.io", "abc", "198.51.100.1", CHROME, "")
+    assert rec.add((*click, 6)) == 6
+    assert rec.record(*click)
+    assert rec.add((*click, 5)) == 3  # three fit, two are dropped
+    assert (rec.buffered, rec.dropped) == (10, 2)
+    assert rec.add((*click, 1)) == 0 and rec.dropped == 3
+    await rec.store.close()
+
+
 class FlakyStore:
     """A real store whose writes fail while `down`; can record clicks mid-flush."""
 
@@ -422,3 +433,27 @@ async def test_raw_clicks_can_be_left_out(store: AnalyticsStore, clock: ManualCl
     await rec.flush()
     assert await store.fetch("SELECT count(*) FROM analytics_link_clicks") == [(0,)]
     assert (await rec.report("s.io", "abc", start=None, end=None))["total_clicks"] == 1
+
+
+async def test_a_failed_batch_of_counted_entries_keeps_its_newest_clicks(
+    store: AnalyticsStore, clock: ManualClock
+) -> None:
+    flaky = FlakyStore(store)
+    rec = await recorder_for(flaky, clock, capacity=10, batch=10)  # type: ignore[arg-type]
+    click = (ms(DAY1), "s.io", "abc", "198.51.100.1", CHROME, "")
+    rec.add((*click, 6))
+    rec.record(ms(DAY1) + 1, "s.io", "abc", "198.51.100.2", CHROME, "")
+    rec.record(ms(DAY1) + 2, "s.io", "abc", "198.51.100.3", CHROME, "")
+    flaky.down = True
+    flaky.during_write = [
+        lambda: [
+            rec.record(ms(DAY1) + 9, "s.io", "abc", "198.51.100.9", CHROME, "") for _ in range(5)
+        ]
+    ]
+    with pytest.raises(BackendUnavailable):
+        await rec.flush()
+    # 5 arrived meanwhile; of the failed 8 the two singles fit, and 3 of the entry's 6
+    assert (rec.buffered, rec.dropped) == (10, 3)
+    assert [c[6] for c in rec._buffer][:3] == [3, 1, 1]
+    flaky.down = False
+    assert await rec.flush() == 10

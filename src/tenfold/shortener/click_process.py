@@ -2,14 +2,17 @@
 
 Enriching and rolling up clicks costs 6-15 us of CPU per distinct click: in the serving process
 that is a quarter of a redirect's budget, and the work holds the GIL the event loop needs. So by
-default the server only buffers raw clicks (`record`, as ClickRecorder does) and ships them
-each second, as one JSON frame on a pipe (0.1 us a click), to a child process that runs the
+default the server only counts raw clicks, added up by what the recorder groups them by
+(second, link, address, user agent, referrer: a reload or a busy client is one entry), and
+ships them each second, as one JSON frame on a pipe, to a child process that runs the
 ClickRecorder: enrichment, visitor sets, roll-ups and the analytics store are all its own.
+The bound is in clicks, as in the recorder.
 Reports and deletions are asked of it over the same pipe.
 
 Frames are a 4-byte big-endian length and an orjson document. Parent to child: the config
-first, then {"op": "clicks", "clicks": [...]} (no answer), and requests with an "id" —
-"flush", "report", "forget", "stop" — each answered {"id", "ok"} or {"id", "error"}.
+first, then {"op": "clicks", "clicks": [[at_ms, domain, code, ip, agent, referrer, n], ...]}
+(no answer), and requests with an "id" — "flush", "report", "forget", "stop" — each
+answered {"id", "ok"} or {"id", "error"}.
 The child exits when its stdin closes (the server went away), after a last flush.
 
 If the child dies it is started again at the next flush; clicks wait in the server's bounded
@@ -23,7 +26,6 @@ import contextlib
 import os
 import struct
 import sys
-from collections import deque
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -32,7 +34,7 @@ import orjson
 import structlog
 
 from tenfold.kernel.errors import BackendUnavailable, FieldError
-from tenfold.shortener.clicks import _WRITTEN, ClickBuffer, Granularity
+from tenfold.shortener.clicks import _DROPPED, _RECORDED, _WRITTEN, ClickBuffer, Granularity
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +80,10 @@ class ClickProcess(ClickBuffer):
 
     def __init__(self, config: ChildConfig, *, capacity: int) -> None:
         super().__init__(capacity)
+        # Clicks wait here added up by what the child would group them by (second, link,
+        # address, user agent, referrer): a reload or a busy client costs one entry, and
+        # the pipe and the child see each distinct click once with its count.
+        self._pending: dict[tuple[int, str, str, str, str, str], int] = {}
         self.config = config
         self._child_dropped = 0
         self._child_buffered = 0
@@ -88,9 +94,42 @@ class ClickProcess(ClickBuffer):
         self._next_id = 0
         self._lock = asyncio.Lock()
 
+    def record(
+        self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
+    ) -> bool:
+        if self._clicks >= self.capacity:
+            self._dropped += 1
+            _DROPPED.value += 1
+            return False
+        key = (at_ms - at_ms % 1000, domain, code, ip, user_agent, referrer)
+        pending = self._pending
+        pending[key] = pending.get(key, 0) + 1
+        self._clicks += 1
+        _RECORDED.value += 1
+        return True
+
+    def _take(self) -> tuple[list[list[Any]], int]:
+        """The waiting clicks as entries [*key, count] for the child, and how many."""
+        pending, self._pending = self._pending, {}
+        clicks, self._clicks = self._clicks, 0
+        return [[*key, n] for key, n in pending.items()], clicks
+
+    def _restore(self, entries: list[list[Any]]) -> None:
+        """Entries the child did not get back in the buffer, within the bound."""
+        for *key, n in entries:
+            room = max(0, self.capacity - self._clicks)
+            kept = min(n, room)
+            if kept:
+                group = tuple(key)
+                self._pending[group] = self._pending.get(group, 0) + kept
+                self._clicks += kept
+            if kept < n:
+                self._dropped += n - kept
+                _DROPPED.value += n - kept
+
     @property
     def buffered(self) -> int:
-        return len(self._buffer) + self._child_buffered
+        return self._clicks + self._child_buffered
 
     @property
     def dropped(self) -> int:
@@ -165,15 +204,14 @@ class ClickProcess(ClickBuffer):
         async with self._lock:
             proc = await self._ensure()
             assert proc.stdin is not None
-            if self._buffer:
-                clicks = list(self._buffer)
+            if self._pending:
+                entries, _ = self._take()
                 try:
-                    proc.stdin.write(_frame({"op": "clicks", "clicks": clicks}))
+                    proc.stdin.write(_frame({"op": "clicks", "clicks": entries}))
                     await proc.stdin.drain()
                 except ConnectionError as exc:
+                    self._restore(entries)
                     raise BackendUnavailable(f"click analytics process: {exc}") from exc
-                for _ in range(len(clicks)):  # shipped: the child holds them now
-                    self._buffer.popleft()
             done = await self._ask("flush", {})
         self._child_dropped = int(done["dropped"])
         self._child_buffered = int(done["buffered"])
@@ -209,7 +247,10 @@ class ClickProcess(ClickBuffer):
 
     async def forget(self, domain: str, code: str) -> None:
         async with self._lock:
-            self._buffer = deque(c for c in self._buffer if c[1] != domain or c[2] != code)
+            self._pending = {
+                k: n for k, n in self._pending.items() if k[1] != domain or k[2] != code
+            }
+            self._clicks = sum(self._pending.values())
             await self._ask("forget", {"domain": domain, "code": code})
 
     async def close(self) -> None:
@@ -217,10 +258,9 @@ class ClickProcess(ClickBuffer):
             proc = self._proc
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(Exception):
-                    if self._buffer:
+                    if self._pending:
                         assert proc.stdin is not None
-                        proc.stdin.write(_frame({"op": "clicks", "clicks": list(self._buffer)}))
-                        self._buffer.clear()
+                        proc.stdin.write(_frame({"op": "clicks", "clicks": self._take()[0]}))
                     await self._ask("stop", {}, within=15.0, started=True)
             await self._discard()
 
@@ -305,8 +345,9 @@ async def _child(out: Any) -> None:
             ask_id = doc.get("id")
             try:
                 if op == "clicks":
+                    add = recorder.add
                     for click in doc["clicks"]:
-                        recorder.record(*click)
+                        add(tuple(click))
                     continue
                 if op == "ping":
                     answer({"id": ask_id, "ok": True})

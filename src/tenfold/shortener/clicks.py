@@ -62,7 +62,8 @@ from tenfold.kernel.telemetry import REGISTRY, HotCounter
 log = structlog.get_logger(__name__)
 
 Granularity = Literal["hour", "day", "week"]
-RawClick = tuple[int, str, str, str, str, str]  # at_ms, domain, code, ip, user agent, referrer
+RawClick = tuple[int, str, str, str, str, str, int]
+"""at_ms, domain, code, ip, user agent, referrer, and how many identical clicks it stands for."""
 ClickRow = tuple[str, str, datetime, int, bool, str, str, str, str, str, str]
 """One enriched click, in the column order of `CLICKS`."""
 
@@ -291,25 +292,41 @@ def _roll_up(
 
 
 class ClickBuffer:
-    """The bounded buffer the redirect appends to: O(1), never blocks, counts what it drops."""
+    """The bounded buffer the redirect appends to: O(1), never blocks, counts what it drops.
+    The bound is in clicks, whether an entry stands for one click or several."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._buffer: deque[RawClick] = deque()
+        self._clicks = 0  # in the buffer
         self._dropped = 0
 
     def record(
         self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
     ) -> bool:
         """Queue one click; False (and counted as dropped) when the buffer is full."""
-        buffer = self._buffer
-        if len(buffer) >= self.capacity:
+        if self._clicks >= self.capacity:
             self._dropped += 1
             _DROPPED.value += 1
             return False
-        buffer.append((at_ms, domain, code, ip, user_agent, referrer))
+        self._buffer.append((at_ms, domain, code, ip, user_agent, referrer, 1))
+        self._clicks += 1
         _RECORDED.value += 1
         return True
+
+    def add(self, click: RawClick) -> int:
+        """Queue an entry standing for `click[6]` identical clicks (as the serving process
+        sends them); the clicks it took, the rest counted as dropped."""
+        n = click[6]
+        room = self.capacity - self._clicks
+        taken = min(n, max(0, room))
+        if taken:
+            self._buffer.append(click if taken == n else (*click[:6], taken))
+            self._clicks += taken
+        if taken < n:
+            self._dropped += n - taken
+            _DROPPED.value += n - taken
+        return taken
 
 
 class ClickRecorder(ClickBuffer):
@@ -348,7 +365,7 @@ class ClickRecorder(ClickBuffer):
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._clicks
 
     @property
     def dropped(self) -> int:
@@ -373,6 +390,8 @@ class ClickRecorder(ClickBuffer):
             while remaining > 0 and self._buffer:
                 raw = [self._buffer.popleft() for _ in range(min(self.batch, len(self._buffer)))]
                 remaining -= len(raw)
+                taken = sum(r[6] for r in raw)
+                self._clicks -= taken
                 try:
                     rows, counts = await asyncio.to_thread(self.enrich, raw)
                     await self.write(rows, counts)
@@ -380,16 +399,26 @@ class ClickRecorder(ClickBuffer):
                     self._put_back(raw)
                     FLUSH_FAILURES.inc()
                     raise
-                written += len(raw)
-                _WRITTEN.inc(len(raw))
+                written += taken
+                _WRITTEN.inc(taken)
             await self._prune_visitors()
         return written
 
     def _put_back(self, raw: list[RawClick]) -> None:
-        room = max(0, self.capacity - len(self._buffer))
-        keep = raw[len(raw) - room :] if room < len(raw) else raw
-        lost = len(raw) - len(keep)
-        self._buffer.extendleft(reversed(keep))
+        """Return a failed batch to the front of the buffer, newest clicks first while they fit
+        the bound; the rest are dropped."""
+        room = max(0, self.capacity - self._clicks)
+        keep: list[RawClick] = []
+        lost = 0
+        for click in reversed(raw):
+            n = click[6]
+            fits = min(n, room)
+            if fits:
+                keep.append(click if fits == n else (*click[:6], fits))
+                room -= fits
+                self._clicks += fits
+            lost += n - fits
+        self._buffer.extendleft(keep)  # `keep` is newest first: extendleft restores the order
         self._dropped += lost
         _DROPPED.inc(lost)
 
@@ -402,7 +431,10 @@ class ClickRecorder(ClickBuffer):
         """
         key = self._salt_key[:64]  # BLAKE2b's keyed mode (a MAC), keys up to 64 bytes
         locate = self._locate
-        groups = Counter((r[0] - r[0] % 1000, r[1], r[2], r[3], r[4], r[5]) for r in raw)
+        groups: dict[tuple[int, str, str, str, str, str], int] = {}
+        for r in raw:
+            group = (r[0] - r[0] % 1000, r[1], r[2], r[3], r[4], r[5])
+            groups[group] = groups.get(group, 0) + r[6]
         visitors: dict[tuple[int, str, str], int] = {}
         stamps: dict[int, datetime] = {}
         places: dict[str, tuple[str, str]] = {}
@@ -592,6 +624,7 @@ class ClickRecorder(ClickBuffer):
         """A deleted link's analytics go too, including clicks still waiting in memory."""
         async with self._flush_lock:
             self._buffer = deque(c for c in self._buffer if c[1] != domain or c[2] != code)
+            self._clicks = sum(c[6] for c in self._buffer)
             async with self.store.transaction() as tx:
                 for table in TABLES:
                     await tx.execute(
