@@ -8,6 +8,7 @@ import hashlib
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -580,3 +581,46 @@ def test_async_wire_runs_on_uvloop() -> None:
             await wire.close()
 
     assert uvloop.run(main()) == b"uvloop"
+
+
+class SlowPong:
+    """A server answering every command +PONG after `delay` seconds (on one connection)."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while data := conn.recv(65536):
+                for _ in range(data.count(b"*")):
+                    if self.delay:
+                        time.sleep(self.delay)
+                    conn.sendall(b"+PONG\r\n")
+
+
+def test_sync_wire_polls_for_fast_replies_and_stops_polling_for_slow_ones() -> None:
+    from tenfold.kernel import redis_wire
+
+    server = SlowPong()
+    wire = SyncWire(f"redis://127.0.0.1:{server.port}/0", timeout=5.0)
+    try:
+        assert wire.spin == redis_wire.SPIN_SECONDS  # on Linux: kernel timeouts
+        for _ in range(20):
+            assert wire.call(b"PING") == b"PONG"
+        conn = wire._local.conn
+        assert conn.paused == 0  # answered while polling (a late one now and then is no pause)
+        server.delay = redis_wire.SPIN_SECONDS * 10
+        for _ in range(redis_wire.SPIN_MISSES):
+            assert wire.call(b"PING") == b"PONG"  # too slow for the poll: then blocked
+        assert conn.paused == redis_wire.SPIN_PAUSE and conn.misses == 0
+        server.delay = 0.0
+        assert wire.call(b"PING") == b"PONG"
+        assert conn.paused == redis_wire.SPIN_PAUSE - 1  # not polling for a while
+    finally:
+        wire.close()
+        server.listener.close()
