@@ -27,6 +27,8 @@ class RateLimiter:
         self, store: CounterStore | None = None, *, clock: Clock = SYSTEM_CLOCK, prefix: str = "tf"
     ) -> None:
         self.store: CounterStore = store or MemoryCounterStore()
+        # The in-process store's own single-key path (not a subclass: it may behave otherwise).
+        self._memory = self.store if type(self.store) is MemoryCounterStore else None
         self.clock = clock
         self.prefix = prefix
 
@@ -46,8 +48,10 @@ class RateLimiter:
         """Consume `weight` if allowed."""
         if weight != 1:
             check_weight(limit, weight)
-        probe = Probe(self.key(limit, key), limit)
-        return self.store.hit((probe,), self.clock.now_ms(), weight)[0]
+        full = f"{self.prefix}:rl:{{{key}}}{limit.key_tail}"
+        if self._memory is not None:
+            return self._memory.hit_key(full, limit, self.clock.now_ms(), weight)
+        return self.store.hit((Probe(full, limit),), self.clock.now_ms(), weight)[0]
 
     def peek(self, limit: Limit, key: str, weight: int = 1) -> Decision:
         """Would a request of `weight` be allowed? Consumes nothing."""

@@ -45,6 +45,26 @@ class MemoryCounterStore:
                 return [self._one(probes[0], now_ms, weight, commit)]
             return self._many(probes, now_ms, weight, commit)
 
+    def hit_key(self, key: str, limit: Limit, now_ms: int, weight: int) -> Decision:
+        """`hit` of one unshadowed probe, committed: the in-process limiter's call, without
+        building the probe and the list."""
+        if limit.algorithm is Algorithm.SLIDING_WINDOW:
+            return self.hit((Probe(key, limit),), now_ms, weight)[0]
+        step = _STEP[limit.algorithm]
+        states = self._states
+        with self._lock:
+            entry = states.get(key)
+            if entry is not None and entry[0] <= now_ms:
+                del states[key]
+                entry = None
+            decision, state = step(limit, None if entry is None else entry[1], now_ms, weight)
+            if decision.allowed:
+                states[key] = (now_ms + decision.reset_ms + 1, state)
+                self._writes += 1
+                if self._writes % _SWEEP_EVERY == 0:
+                    self._sweep(now_ms)
+            return decision
+
     async def ahit(
         self, probes: Sequence[Probe], now_ms: int, weight: int, commit: bool = True
     ) -> list[Decision]:
@@ -122,9 +142,12 @@ class MemoryCounterStore:
     def _count_write(self, now_ms: int) -> None:
         self._writes += 1
         if self._writes % _SWEEP_EVERY == 0:
-            expired = [k for k, (exp, _) in self._states.items() if exp <= now_ms]
-            for key in expired:
-                del self._states[key]
+            self._sweep(now_ms)
+
+    def _sweep(self, now_ms: int) -> None:
+        expired = [k for k, (exp, _) in self._states.items() if exp <= now_ms]
+        for key in expired:
+            del self._states[key]
 
     async def clear(self, keys: Sequence[str]) -> None:
         with self._lock:
