@@ -192,7 +192,20 @@ def guard(
     def wrap(app: ASGIApp) -> ASGIApp:
         return RateLimitMiddleware(app, decide, legacy_headers=settings.ratelimit_legacy_headers)
 
-    return wrap, as_gate(decide, legacy=settings.ratelimit_legacy_headers)
+    full_gate = as_gate(decide, legacy=settings.ratelimit_legacy_headers)
+
+    async def gate(scope: Scope) -> GateVerdict | None:
+        # The usual lean call first: a key verified lately, with no policy of its own, is not
+        # limited on any route (what `decide` concludes too, after the public-path checks).
+        presented = key_from_scope(scope)
+        if presented:
+            principal = keys.verified(presented)
+            if principal is not None and not service.book.has_own("key:" + principal.key_id):
+                scope["state"]["principal"] = principal
+                return None
+        return await full_gate(scope)
+
+    return wrap, gate
 
 
 def rejection(verdict: Verdict) -> Problem:
