@@ -177,3 +177,57 @@ def test_serve_refuses_an_unmigrated_scale_database(
         pg_template.drop(name)
     assert result.exit_code == 1
     assert "run `tenfold migrate` first" in result.stderr
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_serve_answers_on_either_server_and_stops_on_sigterm(data_dir: Path, server: str) -> None:
+    import signal
+    import time
+    import urllib.request
+
+    from tests.backends import free_port
+
+    port = free_port()
+    env = os.environ | {"TENFOLD_SERVICES": "ratelimit", "TENFOLD_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(
+        [*ENTRY_POINT, "serve", "--port", str(port), "--server", server],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens (or died)
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"{server} did not start"
+                time.sleep(0.1)  # polling a starting child process; nothing to wait on
+        key = (data_dir / "admin.key").read_text().strip()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/v1/ratelimit/check",
+            data=b'{"client_id": "c1", "api_key": "k1", "resource": "/x"}',
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as r:  # a lean route, through the guard
+            assert r.status == 200 and r.headers["x-request-id"]
+        proc.send_signal(signal.SIGTERM)
+        # A stop: uvicorn re-raises the signal once it has shut down, granian exits 0.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert "Traceback" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_serve_refuses_an_unknown_server(data_dir: Path) -> None:
+    result = tenfold("serve", "--server", "gunicorn")
+    assert result.exit_code == 2
+    assert one_line(result.stderr).startswith("error: TENFOLD_SERVER: ")

@@ -92,9 +92,24 @@ def serve(
         str | None,
         typer.Option(envvar="TENFOLD_SERVICES", help=f"Comma-separated: {','.join(SERVICES)}"),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TENFOLD_SERVER", help="HTTP server: uvicorn, or granian (tenfold[granian])"
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (migrating first in embedded mode)."""
-    settings = settings_or_exit(host=host, port=port, workers=workers, services=services)
+    settings = settings_or_exit(
+        host=host, port=port, workers=workers, services=services, server=server
+    )
+    if settings.server == "granian":
+        try:
+            import granian  # noqa: F401
+        except ImportError:
+            raise fail(
+                "TENFOLD_SERVER=granian needs granian: pip install 'tenfold[granian]'"
+            ) from None
     for name, value in (
         ("TENFOLD_HOST", settings.host),
         ("TENFOLD_PORT", str(settings.port)),
@@ -123,11 +138,14 @@ def serve(
                 f"{settings.data_dir}/admin.key):\n  {plaintext}",
                 highlight=False,
             )
-    import uvicorn
-
     from tenfold.kernel.telemetry import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    if settings.server == "granian":
+        _serve_granian(settings)
+        return
+    import uvicorn
+
     uvicorn.run(
         "tenfold.app:build_app",
         factory=True,
@@ -142,6 +160,24 @@ def serve(
         # reconnect to another process with Last-Event-ID.
         timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS,
     )
+
+
+def _serve_granian(settings: Settings) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    Granian(
+        "tenfold.app:build_app",
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_enabled=False,  # tenfold logs for itself (structlog)
+        log_access=False,
+        websockets=False,
+        workers_kill_timeout=GRACEFUL_STOP_SECONDS,
+    ).serve()
 
 
 def _require_migrated(settings: Settings) -> None:
