@@ -244,13 +244,7 @@ def compile_condition(cond: Condition, segments: Mapping[str, Predicate]) -> Pre
 
         def predicate(ctx: Context) -> bool:
             value = get(ctx)
-            if value is None:
-                return False
-            if isinstance(value, list):
-                hit = any(test(item) for item in value)
-            else:
-                hit = test(value)
-            return hit is not negate
+            return value is not None and _holds(test, value, negate)
 
         return predicate
     # The same for a top-level attribute, read in place; equality on a string is answered
@@ -267,13 +261,15 @@ def compile_condition(cond: Condition, segments: Mapping[str, Predicate]) -> Pre
             return False
         if strings is not None and value.__class__ is str:
             return (value in strings) is not negate
-        if isinstance(value, list):
-            hit = any(test(item) for item in value)
-        else:
-            hit = test(value)
-        return hit is not negate
+        return _holds(test, value, negate)
 
     return top_level
+
+
+def _holds(test: Callable[[Any], bool], value: Any, negate: bool) -> bool:
+    """A condition's answer for a present value: a list matches when any item does."""
+    hit = any(test(item) for item in value) if isinstance(value, list) else test(value)
+    return hit is not negate
 
 
 def compile_segment(segment: Segment) -> Predicate:

@@ -180,6 +180,27 @@ def install_problem_handlers(app: FastAPI) -> None:
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+def _edge_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, bytes, int | None]:
+    """(the caller's request id if well-formed else "", Content-Type, Content-Length): the
+    length is -1 when absent, None when unreadable."""
+    request_id = ""
+    content_type = b""
+    content_length: int | None = -1
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                content_length = int(value)
+            except ValueError:
+                content_length = None
+        elif name == b"content-type":
+            content_type = value
+        elif name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                request_id = candidate
+    return request_id, content_type, content_length
+
+
 def new_request_id() -> str:
     """24 hex digits: unique enough to find one request in the logs, and no system call."""
     return getrandbits(96).to_bytes(12, "big").hex()
@@ -237,24 +258,11 @@ class EdgeMiddleware:
         # A lean route: served here unless its body is over the limit, has no length, or is
         # not JSON, which the framework path answers (413, 415) or reads (chunked).
         started = time.perf_counter()
-        request_id = ""
-        content_type = b""
-        content_length = -1
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    content_length = self.max_body_bytes + 1
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
-                    request_id = candidate
+        request_id, content_type, content_length = _edge_headers(scope["headers"])
         method = scope["method"]
         if (
-            content_length > self.max_body_bytes
+            content_length is None  # unreadable
+            or content_length > self.max_body_bytes
             or (content_length < 0 and method != "GET")
             or (
                 content_type != b"application/json"
@@ -281,21 +289,8 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = ""
-        content_type = b""
-        content_length = -1
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
-                    request_id = candidate
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    content_length = -1
+        request_id, content_type, length = _edge_headers(scope["headers"])
+        content_length = -1 if length is None else length  # unreadable: counted as it arrives
         if not request_id:
             request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id

@@ -34,7 +34,7 @@ import orjson
 import structlog
 
 from tenfold.kernel.errors import BackendUnavailable, FieldError
-from tenfold.shortener.clicks import _DROPPED, _RECORDED, _WRITTEN, ClickBuffer, Granularity
+from tenfold.shortener.clicks import _DROPPED, _WRITTEN, ClickBuffer, Granularity
 
 log = structlog.get_logger(__name__)
 
@@ -97,15 +97,11 @@ class ClickProcess(ClickBuffer):
     def record(
         self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
     ) -> bool:
-        if self._clicks >= self.capacity:
-            self._dropped += 1
-            _DROPPED.value += 1
+        if self._full():
             return False
         key = (at_ms - at_ms % 1000, domain, code, ip, user_agent, referrer)
         pending = self._pending
         pending[key] = pending.get(key, 0) + 1
-        self._clicks += 1
-        _RECORDED.value += 1
         return True
 
     def _take(self) -> tuple[list[list[Any]], int]:

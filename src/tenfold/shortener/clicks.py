@@ -305,14 +305,20 @@ class ClickBuffer:
         self, at_ms: int, domain: str, code: str, ip: str, user_agent: str, referrer: str
     ) -> bool:
         """Queue one click; False (and counted as dropped) when the buffer is full."""
+        if self._full():
+            return False
+        self._buffer.append((at_ms, domain, code, ip, user_agent, referrer, 1))
+        return True
+
+    def _full(self) -> bool:
+        """Count one more click in, or as dropped when the bound is reached (True)."""
         if self._clicks >= self.capacity:
             self._dropped += 1
             _DROPPED.value += 1
-            return False
-        self._buffer.append((at_ms, domain, code, ip, user_agent, referrer, 1))
+            return True
         self._clicks += 1
         _RECORDED.value += 1
-        return True
+        return False
 
     def add(self, click: RawClick) -> int:
         """Queue an entry standing for `click[6]` identical clicks (as the serving process
