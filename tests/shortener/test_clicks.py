@@ -215,6 +215,18 @@ async def test_counted_entries_fill_the_bound_in_clicks(clock: ManualClock) -> N
     await rec.store.close()
 
 
+async def test_clicks_from_the_serving_process_are_taken_within_the_bound(
+    clock: ManualClock,
+) -> None:
+    rec = ClickRecorder(DuckDBStore(None), clock=clock, salt_key=KEY, capacity=10)
+    keys = [[ms(DAY1), "s.io", "abc", f"198.51.100.{i}", CHROME, ""] for i in range(3)]
+    assert rec.add_many(keys, [2, 3, 1]) == 6  # all fit: taken at once
+    assert rec.add_many(keys, [1, 4, 2]) == 4  # 1, then 3 of 4, then none
+    assert (rec.buffered, rec.dropped) == (10, 3)
+    assert [c[6] for c in rec._buffer] == [2, 3, 1, 1, 3]
+    await rec.store.close()
+
+
 class FlakyStore:
     """A real store whose writes fail while `down`; can record clicks mid-flush."""
 

@@ -320,6 +320,18 @@ class ClickBuffer:
         _RECORDED.value += 1
         return False
 
+    def add_many(self, keys: Sequence[Sequence[Any]], counts: Sequence[int]) -> int:
+        """`add` of each (key, count), key = (at_ms, domain, code, ip, agent, referrer); the
+        clicks taken. In one step when they all fit."""
+        total = sum(counts)
+        if total <= self.capacity - self._clicks:
+            self._buffer.extend(
+                (k[0], k[1], k[2], k[3], k[4], k[5], n) for k, n in zip(keys, counts, strict=True)
+            )
+            self._clicks += total
+            return total
+        return sum(self.add((*k, n)) for k, n in zip(keys, counts, strict=True))
+
     def add(self, click: RawClick) -> int:
         """Queue an entry standing for `click[6]` identical clicks (as the serving process
         sends them); the clicks it took, the rest counted as dropped."""
