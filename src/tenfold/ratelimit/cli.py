@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from tenfold.kernel.commands import run_command
 from tenfold.kernel.http import Problem
+
+if TYPE_CHECKING:
+    from tenfold.kernel.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -18,27 +22,20 @@ app = typer.Typer(help="Rate limiter: policies, assignments, checks.", no_args_i
 policies_app = typer.Typer(help="Create, list and assign policies.", no_args_is_help=True)
 app.add_typer(policies_app, name="policies")
 console = Console()
-err = Console(stderr=True)
+
+
+def _explain(exc: Exception) -> tuple[str, int] | None:
+    return (exc.detail, 2) if isinstance(exc, Problem) else None
 
 
 def _with_service(job: Callable[[Any, Any, Any], Awaitable[T]]) -> T:
-    import asyncio
+    """Run `job(runtime, service, store)` with the policies loaded; tell every process after."""
 
-    from tenfold.kernel.errors import TenfoldError
-    from tenfold.kernel.runtime import Runtime
-    from tenfold.ratelimit.api import service_for
-    from tenfold.ratelimit.service import POLICY_CHANNEL
-    from tenfold.ratelimit.stores.sql import SqlPolicyStore
-    from tenfold.settings import SettingsError, load_settings
+    async def run(runtime: Runtime) -> T:
+        from tenfold.ratelimit.api import service_for
+        from tenfold.ratelimit.service import POLICY_CHANNEL
+        from tenfold.ratelimit.stores.sql import SqlPolicyStore
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-    async def main() -> T:
-        runtime = Runtime.from_settings(settings)
         service = service_for(runtime)
         try:
             await service.reload()
@@ -47,16 +44,8 @@ def _with_service(job: Callable[[Any, Any, Any], Awaitable[T]]) -> T:
             return result
         finally:
             await service.counters.aclose()
-            await runtime.close()
 
-    try:
-        return asyncio.run(main())
-    except Problem as exc:
-        err.print(f"[red]error:[/] {exc.detail}", highlight=False)
-        raise typer.Exit(2) from None
-    except TenfoldError as exc:
-        err.print(f"[red]error:[/] {exc}; run `tenfold doctor`", highlight=False)
-        raise typer.Exit(1) from None
+    return run_command(run, _explain)
 
 
 @policies_app.command("list")

@@ -10,9 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tenfold.kernel.commands import CliError
+from tenfold.kernel.commands import CliError, run_command
 
 if TYPE_CHECKING:
+    from tenfold.kernel.runtime import Runtime
     from tenfold.tasks.models import Task
     from tenfold.tasks.service import TaskService
 
@@ -30,41 +31,19 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _with_service(job: Callable[[TaskService], Awaitable[T]]) -> T:
-    import asyncio
-
-    from sqlalchemy.exc import DBAPIError
-
-    from tenfold.kernel.errors import TenfoldError
-    from tenfold.kernel.runtime import Runtime
-    from tenfold.settings import SettingsError, load_settings
-    from tenfold.tasks.api import service_for
+def _explain(exc: Exception) -> tuple[str, int] | None:
     from tenfold.tasks.models import TaskError
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    return (f"{exc.field}: {exc.message}", 2) if isinstance(exc, TaskError) else None
 
-    async def main() -> T:
-        runtime = Runtime.from_settings(settings)
-        try:
-            return await job(service_for(runtime))
-        finally:
-            await runtime.close()
 
-    try:
-        return asyncio.run(main())
-    except CliError as exc:
-        message, code = str(exc), exc.code
-    except TaskError as exc:
-        message, code = f"{exc.field}: {exc.message}", 2
-    except (DBAPIError, OSError, TenfoldError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        message, code = f"database: {reason}; run `tenfold doctor`", 1
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def _with_service(job: Callable[[TaskService], Awaitable[T]]) -> T:
+    async def run(runtime: Runtime) -> T:
+        from tenfold.tasks.api import service_for
+
+        return await job(service_for(runtime))
+
+    return run_command(run, _explain)
 
 
 def _at(value: datetime | None) -> str:
