@@ -156,10 +156,18 @@ async def _on_field(request: Request, exc: Exception) -> Response:
     return problem_response(InvalidField(exc.field, exc.message), _request_id(request))
 
 
+def unavailable(exc: Exception, **where: Any) -> Problem:
+    """The 503 for an unreachable backend. The log keeps the whole reason; the caller learns
+    which backend failed, not the driver's message (addresses, ports, user names)."""
+    log.warning("http.backend_unavailable", error=str(exc), **where)
+    what = str(exc).split(":", 1)[0].split(" at ", 1)[0].strip() or "a backend is unreachable"
+    return Problem(
+        503, "backend-unavailable", f"{what}; retry shortly", headers={"Retry-After": "1"}
+    )
+
+
 async def _on_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("http.backend_unavailable", error=str(exc))
-    problem = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
-    return problem_response(problem, _request_id(request))
+    return problem_response(unavailable(exc), _request_id(request))
 
 
 async def _on_crash(request: Request, exc: Exception) -> Response:
@@ -328,12 +336,12 @@ class EdgeMiddleware:
             except BackendUnavailable as exc:
                 if response_started[0]:
                     raise
-                log.warning("http.backend_unavailable", error=str(exc), path=scope["path"])
+                problem = unavailable(exc, path=scope["path"])
                 await self._send_raw(
                     send_with_id,
                     503,
                     "backend-unavailable",
-                    str(exc),
+                    problem.detail,
                     request_id,
                     [(b"retry-after", b"1")],
                 )
@@ -581,8 +589,7 @@ async def serve_lean(
     except FieldError as exc:
         failure = InvalidField(exc.field, exc.message)
     except BackendUnavailable as exc:
-        log.warning("http.backend_unavailable", error=str(exc))
-        failure = Problem(503, "backend-unavailable", str(exc), headers={"Retry-After": "1"})
+        failure = unavailable(exc, path=route.path)
     except Exception:
         log.exception("http.unhandled", path=route.path)
         failure = Problem(500, "internal-error", "an unexpected error occurred; see the log")
