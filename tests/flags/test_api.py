@@ -307,6 +307,70 @@ async def test_unknown_environment_is_422(flags_api: Any) -> None:
         assert r.status_code == 422
 
 
+async def test_a_segment_that_gated_flags_use_changes_only_with_approvals(
+    flags_api: Any,
+) -> None:
+    async with flags_api() as api:
+        author = await api.key_with("flags:write")
+        reviewer = await api.key_with("flags:write")
+        r = await api.http.put(
+            "/api/v1/flags/segments/staff", json={"included": ["u-1"]}, headers=author
+        )
+        assert r.status_code == 201
+        await api.create("beta")
+        rule = {"id": "staff", "conditions": [{"operator": "in_segment", "values": ["staff"]}]}
+        r = await api.target("beta", enabled=True, rules=[{**rule, "variation": "on"}])
+        assert r.status_code == 200, r.text
+        r = await api.http.patch(
+            "/api/v1/flags/environments/production",
+            json={"approval_required": True, "required_approvals": 1},
+            headers=api.admin,
+        )
+        assert r.status_code == 200
+
+        # a segment no gated flag uses changes at once
+        r = await api.http.put(
+            "/api/v1/flags/segments/other", json={"included": []}, headers=author
+        )
+        assert r.status_code == 201
+        # the one production's flag uses waits for approval, and serves as before meanwhile
+        r = await api.http.put(
+            "/api/v1/flags/segments/staff",
+            json={"included": ["u-1", "u-2"], "comment": "add u-2"},
+            headers=author,
+        )
+        assert r.status_code == 202, r.text
+        pending = r.json()["change_request"]
+        assert pending["kind"] == "segment" and pending["comment"] == "add u-2"
+        assert (await api.evaluate(["beta"], {"user_id": "u-2"}))["beta"]["value"] is False
+        got = await api.http.get("/api/v1/flags/segments/staff", headers=api.admin)
+        assert got.json()["included"] == ["u-1"]
+        request_id = pending["request_id"]
+        r = await api.http.post(
+            f"/api/v1/flags/change-requests/{request_id}/approve", headers=author
+        )
+        assert r.status_code == 409  # not by its author
+        r = await api.http.post(
+            f"/api/v1/flags/change-requests/{request_id}/approve", headers=reviewer
+        )
+        assert r.status_code == 200 and r.json()["status"] == "applied"
+        assert (await api.evaluate(["beta"], {"user_id": "u-2"}))["beta"]["value"] is True
+
+        # a request whose segment changed under it no longer applies
+        r = await api.http.put(
+            "/api/v1/flags/segments/staff", json={"included": ["u-3"]}, headers=author
+        )
+        first = r.json()["change_request"]["request_id"]
+        r = await api.http.put(
+            "/api/v1/flags/segments/staff", json={"included": ["u-4"]}, headers=author
+        )
+        second = r.json()["change_request"]["request_id"]
+        r = await api.http.post(f"/api/v1/flags/change-requests/{second}/approve", headers=reviewer)
+        assert r.json()["status"] == "applied"
+        r = await api.http.post(f"/api/v1/flags/change-requests/{first}/approve", headers=reviewer)
+        assert r.status_code == 409 and r.json()["type"].endswith("stale-change")
+
+
 async def test_approvals_gate_changes_but_never_the_kill_switch(flags_api: Any) -> None:
     async with flags_api() as api:
         await api.create("payments-v2")

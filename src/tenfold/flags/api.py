@@ -603,14 +603,23 @@ def build_router(
     @router.put(
         "/api/v1/flags/segments/{segment_key}",
         summary="Create or replace a segment",
-        responses={201: {"description": "the segment was created"}},
+        responses={
+            201: {"description": "the segment was created"},
+            202: {"description": "a change request waits for approvals (a gated flag uses it)"},
+        },
     )
     async def put_segment(
         segment_key: FlagKey, body: JsonBody, response: Response, principal: Principal = writer
     ) -> dict[str, Any]:
+        comment = body.pop("comment", "")
         doc = {**body, "segment_key": segment_key}
         with errors:
-            segment, created = await service.put_segment(doc, principal.subject)
+            outcome = await service.put_segment(
+                doc, principal.subject, comment if isinstance(comment, str) else ""
+            )
+        if isinstance(outcome, Pending):
+            return _outcome(outcome, response)
+        segment, created = outcome
         response.status_code = 201 if created else 200
         return segment.to_dict()
 

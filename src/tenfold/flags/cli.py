@@ -687,6 +687,8 @@ def plan_import(raw: Any, service: FlagsService, pending: list[ChangeRequest]) -
                 found: Any = (
                     parse_flag(cr.payload)
                     if kind == "flag"
+                    else parse_segment(cr.payload)
+                    if kind == "segment"
                     else parse_targeting(cr.payload, final[key])
                 )
             except FieldError:
@@ -701,7 +703,8 @@ def plan_import(raw: Any, service: FlagsService, pending: list[ChangeRequest]) -
             plan.segments[key] = "unchanged"
             continue
         plan.segments[key] = "created" if old_segment is None else "updated"
-        plan.steps.append(Step("segment", key, segment=segment))
+        waiting_id = same_request("segment", "", "*", segment)
+        plan.steps.append(Step("segment", key, segment=segment, waiting=waiting_id))
 
     for key, flag in file_flags.items():
         old = current.get(key)
@@ -791,6 +794,8 @@ def _would_wait(service: FlagsService, plan: Plan, step: Step) -> bool:
 
     if step.waiting is not None:
         return True
+    if step.kind == "segment":  # an existing segment some gated environment's flags use
+        return plan.segments.get(step.key) == "updated" and bool(service.segment_gates(step.key))
     if step.kind in ("define", "redefine"):
         assert step.flag is not None
         old = plan.current[step.key]
@@ -824,7 +829,7 @@ async def _write(
     result: Any = None
     if step.kind == "segment":
         assert step.segment is not None
-        await service.put_segment(step.segment.to_dict(), who)
+        result = await service.put_segment(step.segment.to_dict(), who, note)
     elif step.kind == "create":
         assert step.flag is not None
         await service.create_flag(step.flag.to_dict(), who)

@@ -824,8 +824,9 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class ChangeRequest:
-    """An edit waiting for approvals: `kind` "targeting" (one environment) or "flag" (the
-    definition, shared by every environment)."""
+    """An edit waiting for approvals: `kind` "targeting" (one environment), "flag" (the
+    definition, shared by every environment) or "segment" (`flag_key` empty; the segment in
+    `payload`)."""
 
     request_id: str
     flag_key: str

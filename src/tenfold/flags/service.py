@@ -490,6 +490,12 @@ class FlagsService:
                 flag = parse_flag(request.payload)
                 await self.store.update_flag(flag, request.base_version, actor, now, "flag_updated")
                 envs: list[str] | None = None
+            elif request.kind == "segment":
+                segment = parse_segment(request.payload)
+                if await self.store.segment_version(segment.key) != request.base_version:
+                    raise Conflict(f"segment {segment.key} changed since", "stale-change")
+                await self.store.put_segment(segment, actor, now)
+                envs = None
             else:
                 found = await self.store.targeting(request.flag_key, request.environment)
                 if found is None:
@@ -527,11 +533,35 @@ class FlagsService:
 
     # --- segments ----------------------------------------------------------------------------
 
-    async def put_segment(self, raw: Mapping[str, Any], actor: str) -> tuple[Segment, bool]:
+    async def put_segment(
+        self, raw: Mapping[str, Any], actor: str, comment: str = ""
+    ) -> tuple[Segment, bool] | Pending:
+        """Create or replace a segment. A change to one that flags use where approvals are
+        required waits for the most approvals any of those environments asks."""
         segment = parse_segment(raw)
+        version = await self.store.segment_version(segment.key)
+        gated = self.segment_gates(segment.key)
+        if version is not None and gated:
+            current = await self.store.segment(segment.key)
+            if current != segment:
+                required = max(e.required_approvals for e in gated)
+                request = await self._request(
+                    "", "*", "segment", segment.to_dict(), version, actor, comment, required
+                )
+                return Pending(request)
         created = await self.store.put_segment(segment, actor, self.clock.now_ms())
         await self.changed(None)
         return segment, created
+
+    def segment_gates(self, key: str) -> list[Environment]:
+        """The environments requiring approvals where some flag uses segment `key`."""
+        return [
+            self.environments[env_key]
+            for env_key, ruleset in self.rulesets.items()
+            if env_key in self.environments
+            and self.environments[env_key].approval_required
+            and any(key in d.targeting.segments() for d in ruleset.docs.values())
+        ]
 
     async def delete_segment(self, key: str, actor: str) -> None:
         for env_key, ruleset in self.rulesets.items():

@@ -534,6 +534,13 @@ class SqlFlagStore:
             )
         return None if text is None else parse_segment(_loads(text))
 
+    async def segment_version(self, key: str) -> int | None:
+        async with self.engine.connect() as conn:
+            version = await conn.scalar(
+                sa.select(segments.c.version).where(segments.c.segment_key == key)
+            )
+        return None if version is None else int(version)
+
     async def put_segment(self, segment: Segment, actor: str, now_ms: int) -> bool:
         """Create or replace a segment; True if it is new."""
         async with self.engine.begin() as conn:
