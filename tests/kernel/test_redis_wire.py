@@ -603,7 +603,7 @@ class SlowPong:
                     conn.sendall(b"+PONG\r\n")
 
 
-def test_sync_wire_polls_for_fast_replies_and_stops_polling_for_slow_ones() -> None:
+def test_sync_wire_polls_alone_for_fast_replies_and_stops_polling_for_slow_ones() -> None:
     from tenfold.kernel import redis_wire
 
     server = SlowPong()
@@ -615,6 +615,15 @@ def test_sync_wire_polls_for_fast_replies_and_stops_polling_for_slow_ones() -> N
         conn = wire._local.conn
         assert conn.paused == 0  # answered while polling (a late one now and then is no pause)
         server.delay = redis_wire.SPIN_SECONDS * 10
+        other = object()  # another thread waiting on Redis: nobody polls meanwhile
+        redis_wire._WAITING.add(other)
+        try:
+            for _ in range(redis_wire.SPIN_MISSES):
+                assert wire.call(b"PING") == b"PONG"
+            assert conn.misses == 0 and conn.paused == 0  # it blocked, never polled
+        finally:
+            redis_wire._WAITING.discard(other)
+        assert redis_wire._WAITING == set()  # each call takes itself out
         for _ in range(redis_wire.SPIN_MISSES):
             assert wire.call(b"PING") == b"PONG"  # too slow for the poll: then blocked
         assert conn.paused == redis_wire.SPIN_PAUSE and conn.misses == 0
