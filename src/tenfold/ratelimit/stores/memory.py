@@ -49,7 +49,8 @@ class MemoryCounterStore:
         """`hit` of one unshadowed probe, committed: the in-process limiter's call, without
         building the probe and the list."""
         if limit.algorithm is Algorithm.SLIDING_WINDOW:
-            return self.hit((Probe(key, limit),), now_ms, weight)[0]
+            with self._lock:
+                return self._sliding(key, limit, now_ms, weight, True)
         step = _STEP[limit.algorithm]
         states = self._states
         with self._lock:
@@ -86,19 +87,22 @@ class MemoryCounterStore:
             self._states[key] = (now_ms + 1, log)
         return log  # type: ignore[no-any-return]
 
+    def _sliding(self, key: str, limit: Limit, now_ms: int, weight: int, commit: bool) -> Decision:
+        log = self._log(key, now_ms)
+        decision = sliding_log(limit, log, now_ms, weight)
+        if commit and decision.allowed:
+            log.entries.append((now_ms, weight))
+            log.total += weight
+            self._states[key] = (now_ms + limit.window_ms, log)
+            self._count_write(now_ms)
+        elif not log.entries:
+            del self._states[key]
+        return decision
+
     def _one(self, probe: Probe, now_ms: int, weight: int, commit: bool) -> Decision:
         limit = probe.limit
         if limit.algorithm is Algorithm.SLIDING_WINDOW:
-            log = self._log(probe.key, now_ms)
-            decision = sliding_log(limit, log, now_ms, weight)
-            if commit and decision.allowed:
-                log.entries.append((now_ms, weight))
-                log.total += weight
-                self._states[probe.key] = (now_ms + limit.window_ms, log)
-                self._count_write(now_ms)
-            elif not log.entries:
-                del self._states[probe.key]
-            return decision
+            return self._sliding(probe.key, limit, now_ms, weight, commit)
         decision, state = _STEP[limit.algorithm](
             limit, self._state(probe.key, now_ms), now_ms, weight
         )
