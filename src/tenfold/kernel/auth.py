@@ -191,9 +191,9 @@ class KeyStore:
         return None
 
     async def verify(self, plaintext: str) -> Principal | None:
-        known = self._verified.get(plaintext)
-        if known is not None and self.clock.now() < known[0]:
-            return known[1]
+        known = self.verified(plaintext)
+        if known is not None:
+            return known
         parts = split_key(plaintext)
         if parts is None:
             return None

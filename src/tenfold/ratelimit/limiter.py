@@ -48,7 +48,7 @@ class RateLimiter:
         """Consume `weight` if allowed."""
         if weight != 1:
             check_weight(limit, weight)
-        full = f"{self.prefix}:rl:{{{key}}}{limit.key_tail}"
+        full = self.key(limit, key)
         if self._memory is not None:
             return self._memory.hit_key(full, limit, self.clock.now_ms(), weight)
         return self.store.hit((Probe(full, limit),), self.clock.now_ms(), weight)[0]

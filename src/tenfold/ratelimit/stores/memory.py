@@ -48,23 +48,10 @@ class MemoryCounterStore:
     def hit_key(self, key: str, limit: Limit, now_ms: int, weight: int) -> Decision:
         """`hit` of one unshadowed probe, committed: the in-process limiter's call, without
         building the probe and the list."""
-        if limit.algorithm is Algorithm.SLIDING_WINDOW:
-            with self._lock:
-                return self._sliding(key, limit, now_ms, weight, True)
-        step = _STEP[limit.algorithm]
-        states = self._states
         with self._lock:
-            entry = states.get(key)
-            if entry is not None and entry[0] <= now_ms:
-                del states[key]
-                entry = None
-            decision, state = step(limit, None if entry is None else entry[1], now_ms, weight)
-            if decision.allowed:
-                states[key] = (now_ms + decision.reset_ms + 1, state)
-                self._writes += 1
-                if self._writes % _SWEEP_EVERY == 0:
-                    self._sweep(now_ms)
-            return decision
+            if limit.algorithm is Algorithm.SLIDING_WINDOW:
+                return self._sliding(key, limit, now_ms, weight, True)
+            return self._stepped(key, limit, now_ms, weight, True)
 
     async def ahit(
         self, probes: Sequence[Probe], now_ms: int, weight: int, commit: bool = True
@@ -99,17 +86,19 @@ class MemoryCounterStore:
             del self._states[key]
         return decision
 
+    def _stepped(self, key: str, limit: Limit, now_ms: int, weight: int, commit: bool) -> Decision:
+        """One key under an algorithm with a small state (all but the sliding-window log)."""
+        decision, state = _STEP[limit.algorithm](limit, self._state(key, now_ms), now_ms, weight)
+        if commit and decision.allowed:
+            self._states[key] = (now_ms + decision.reset_ms + 1, state)
+            self._count_write(now_ms)
+        return decision
+
     def _one(self, probe: Probe, now_ms: int, weight: int, commit: bool) -> Decision:
         limit = probe.limit
         if limit.algorithm is Algorithm.SLIDING_WINDOW:
             return self._sliding(probe.key, limit, now_ms, weight, commit)
-        decision, state = _STEP[limit.algorithm](
-            limit, self._state(probe.key, now_ms), now_ms, weight
-        )
-        if commit and decision.allowed:
-            self._states[probe.key] = (now_ms + decision.reset_ms + 1, state)
-            self._count_write(now_ms)
-        return decision
+        return self._stepped(probe.key, limit, now_ms, weight, commit)
 
     def _many(
         self, probes: Sequence[Probe], now_ms: int, weight: int, commit: bool
@@ -146,12 +135,9 @@ class MemoryCounterStore:
     def _count_write(self, now_ms: int) -> None:
         self._writes += 1
         if self._writes % _SWEEP_EVERY == 0:
-            self._sweep(now_ms)
-
-    def _sweep(self, now_ms: int) -> None:
-        expired = [k for k, (exp, _) in self._states.items() if exp <= now_ms]
-        for key in expired:
-            del self._states[key]
+            expired = [k for k, (exp, _) in self._states.items() if exp <= now_ms]
+            for key in expired:
+                del self._states[key]
 
     async def clear(self, keys: Sequence[str]) -> None:
         with self._lock:
