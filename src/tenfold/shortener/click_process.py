@@ -34,7 +34,7 @@ import orjson
 import structlog
 
 from tenfold.kernel.errors import BackendUnavailable, FieldError
-from tenfold.shortener.clicks import _DROPPED, _WRITTEN, ClickBuffer, Granularity
+from tenfold.shortener.clicks import _WRITTEN, ClickBuffer, Granularity
 
 log = structlog.get_logger(__name__)
 
@@ -114,14 +114,9 @@ class ClickProcess(ClickBuffer):
     def _restore(self, frame: dict[str, Any]) -> None:
         """Clicks the child did not get, back in the buffer within the bound."""
         for key, n in zip(frame["keys"], frame["counts"], strict=True):
-            room = max(0, self.capacity - self._clicks)
-            kept = min(n, room)
+            kept = self._admit(n)
             if kept:
                 self._pending[key] = self._pending.get(key, 0) + kept
-                self._clicks += kept
-            if kept < n:
-                self._dropped += n - kept
-                _DROPPED.value += n - kept
 
     @property
     def buffered(self) -> int:

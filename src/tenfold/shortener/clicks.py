@@ -311,14 +311,21 @@ class ClickBuffer:
         return True
 
     def _full(self) -> bool:
-        """Count one more click in, or as dropped when the bound is reached (True)."""
-        if self._clicks >= self.capacity:
-            self._dropped += 1
-            _DROPPED.value += 1
+        """Count one more click in (recorded), or as dropped when the bound is reached (True)."""
+        if not self._admit(1):
             return True
-        self._clicks += 1
         _RECORDED.value += 1
         return False
+
+    def _admit(self, n: int) -> int:
+        """Of `n` clicks, count in those the bound has room for, the rest as dropped; how
+        many came in."""
+        taken = min(n, max(0, self.capacity - self._clicks))
+        self._clicks += taken
+        if taken < n:
+            self._dropped += n - taken
+            _DROPPED.value += n - taken
+        return taken
 
     def add_many(self, keys: Sequence[Sequence[Any]], counts: Sequence[int]) -> int:
         """`add` of each (key, count), key = (at_ms, domain, code, ip, agent, referrer); the
@@ -335,15 +342,9 @@ class ClickBuffer:
     def add(self, click: RawClick) -> int:
         """Queue an entry standing for `click[6]` identical clicks (as the serving process
         sends them); the clicks it took, the rest counted as dropped."""
-        n = click[6]
-        room = self.capacity - self._clicks
-        taken = min(n, max(0, room))
+        taken = self._admit(click[6])
         if taken:
-            self._buffer.append(click if taken == n else (*click[:6], taken))
-            self._clicks += taken
-        if taken < n:
-            self._dropped += n - taken
-            _DROPPED.value += n - taken
+            self._buffer.append(click if taken == click[6] else (*click[:6], taken))
         return taken
 
 
@@ -425,20 +426,12 @@ class ClickRecorder(ClickBuffer):
     def _put_back(self, raw: list[RawClick]) -> None:
         """Return a failed batch to the front of the buffer, newest clicks first while they fit
         the bound; the rest are dropped."""
-        room = max(0, self.capacity - self._clicks)
         keep: list[RawClick] = []
-        lost = 0
         for click in reversed(raw):
-            n = click[6]
-            fits = min(n, room)
+            fits = self._admit(click[6])
             if fits:
-                keep.append(click if fits == n else (*click[:6], fits))
-                room -= fits
-                self._clicks += fits
-            lost += n - fits
+                keep.append(click if fits == click[6] else (*click[:6], fits))
         self._buffer.extendleft(keep)  # `keep` is newest first: extendleft restores the order
-        self._dropped += lost
-        _DROPPED.inc(lost)
 
     def enrich(self, raw: Sequence[RawClick]) -> tuple[list[ClickRow], list[int]]:
         """Raw clicks -> rows of `CLICKS` and how many clicks each row stands for.
