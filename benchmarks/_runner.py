@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REQUIRED_KEYS = ("scenario", "ops_per_s", "p50_ms", "p99_ms", "peer", "peer_ops_per_s", "ratio")
 
@@ -244,3 +245,58 @@ def delete_prefix(client: Any, prefix: str) -> int:
     if batch:
         deleted += int(client.unlink(*batch))
     return deleted
+
+
+# --- a tenfold server to measure ---------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def attempt(service: str, what: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
+    """Run one measurement; an exception becomes a one-line error (logged, and returned)."""
+    try:
+        return fn(), None
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        log(f"{service}: {what}: error: {message}")
+        return None, message
+
+
+def server_env(data_dir: Path, services: str, **extra: str) -> dict[str, str]:
+    """This process's environment without its TENFOLD_* settings, for an embedded tenfold in
+    `data_dir` serving `services` (an empty config file: one in the cwd is not read)."""
+    (data_dir / "tenfold.toml").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
+    env.update(
+        TENFOLD_DATA_DIR=str(data_dir),
+        TENFOLD_SERVICES=services,
+        TENFOLD_LOG_LEVEL="warning",
+        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),
+        **extra,
+    )
+    return env
+
+
+def tenfold_command(args: list[str], env: dict[str, str]) -> str:
+    """Run `tenfold <args>` (the installed command, else `python -m tenfold`); its output."""
+    beside = Path(sys.executable).with_name("tenfold")
+    command = [str(beside)] if beside.exists() else [sys.executable, "-m", "tenfold"]
+    proc = subprocess.run(
+        [*command, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"`tenfold {' '.join(args)}` failed ({proc.returncode}): "
+            + (proc.stderr or proc.stdout).strip()[-500:]
+        )
+    return proc.stdout
+
+
+def admin_key(data_dir: Path) -> str:
+    """The admin key a first start writes to `data_dir`."""
+    path = data_dir / "admin.key"
+    try:
+        wait_until(path.exists, timeout=15, what=str(path))
+    except TimeoutError:
+        raise RuntimeError(f"the server wrote no admin key to {path}") from None
+    return path.read_text().strip()

@@ -41,16 +41,18 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks import http as bench_http
-from benchmarks._runner import log, percentile_ms, result
+from benchmarks._runner import admin_key, log, percentile_ms, result, server_env, tenfold_command
+from benchmarks._runner import attempt as _attempt
 from benchmarks._wrk import WrkResult, ensure_wrk, parse
-from benchmarks.sessions import _admin_key, _tenfold
 
 T = TypeVar("T")
+attempt = partial(_attempt, "flags")  # a measurement whose failure is logged
 
 FLAG_KEY = "checkout-v2"
 CONTEXTS = 10_000
@@ -962,28 +964,6 @@ HTTP_FLAGS: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = (
 HTTP_FLAG_KEYS = [definition["flag_key"] for definition, _ in HTTP_FLAGS]
 
 
-def attempt(what: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
-    """Run one measurement; an exception becomes a one-line error."""
-    try:
-        return fn(), None
-    except Exception as exc:
-        message = one_line(exc)
-        log(f"flags: {what}: error: {message}")
-        return None, message
-
-
-def _server_env(data_dir: Path) -> dict[str, str]:
-    (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
-    env.update(
-        TENFOLD_DATA_DIR=str(data_dir),
-        TENFOLD_SERVICES="flags",
-        TENFOLD_LOG_LEVEL="warning",
-        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),
-    )
-    return env
-
-
 def _answer(response: Any, what: str, expected: tuple[int, ...] = (200,)) -> Any:
     if response.status_code not in expected:
         raise RuntimeError(f"{what} answered {response.status_code}: {response.text[:300]}")
@@ -1374,9 +1354,9 @@ def serve_and_measure(
             bench_http.serve_app("tenfold.app:build_app", env, server) as base_url,
             httpx.Client(base_url=base_url, timeout=10) as http,
         ):
-            admin_key = _admin_key(data_dir)
+            admin = admin_key(data_dir)
             if "sdk" not in keys:
-                keys["sdk"] = setup_flags(http, admin_key)
+                keys["sdk"] = setup_flags(http, admin)
             key = keys["sdk"]
             out.check, out.eval_err = attempt(
                 "check", lambda: check_answers(http, key, bodies[:CHECKED_BODIES])
@@ -1389,7 +1369,7 @@ def serve_and_measure(
             if server == PROPAGATION_SERVER:
                 log(f"flags: propagation to {SDK_CLIENTS} SDK clients on {server}")
                 out.moved, out.prop_err = attempt(
-                    "propagation", lambda: propagate(base_url, http, admin_key, key, quick)
+                    "propagation", lambda: propagate(base_url, http, admin, key, quick)
                 )
     except Exception as exc:  # the server failed to start, or died during the run
         message = one_line(exc)
@@ -1414,8 +1394,8 @@ def over_http(quick: bool) -> list[dict[str, Any]]:
         script.write_text(EVALUATE_LUA)
         bodies_path = data_dir / "bodies.jsonl"
         bodies_path.write_text("\n".join(bodies) + "\n")
-        env = _server_env(data_dir)
-        _, setup_err = attempt("migrate", lambda: _tenfold(["migrate"], env))
+        env = server_env(data_dir, "flags")
+        _, setup_err = attempt("migrate", lambda: tenfold_command(["migrate"], env))
         keys: dict[str, str] = {}
         for server in HTTP_SERVERS:
             if setup_err is None:

@@ -16,11 +16,8 @@ nulls for its figures; the other side is still measured and the runner exits non
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -33,12 +30,14 @@ from typing import Any, TypeVar
 from benchmarks import http as bench_http
 from benchmarks._runner import (
     Timing,
+    admin_key,
     delete_prefix,
     log,
     measure,
     result,
+    server_env,
+    tenfold_command,
     timing_result,
-    wait_until,
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -331,38 +330,13 @@ def _post(url: str, body: dict[str, Any], key: str) -> tuple[int, str]:
         return int(exc.code), exc.read().decode(errors="replace")
 
 
-def _tenfold_cli() -> str:
-    beside = Path(sys.executable).with_name("tenfold")
-    found = str(beside) if beside.exists() else shutil.which("tenfold")
-    if not found:
-        raise RuntimeError("the `tenfold` command is not installed in this environment")
-    return found
-
-
-def _cli(args: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run(
-        [_tenfold_cli(), *args], env=env, capture_output=True, text=True, timeout=120
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"`tenfold {' '.join(args)}` failed ({proc.returncode}): "
-            + (proc.stderr or proc.stdout).strip()[-1000:]
-        )
-    return proc.stdout
-
-
 def _admin_key(data_dir: Path, env: dict[str, str]) -> str:
-    path = data_dir / "admin.key"
     try:
-        wait_until(path.exists, timeout=15, what=f"{path}")
-        return path.read_text().strip()
-    except TimeoutError:
+        return admin_key(data_dir)
+    except RuntimeError:
         log("ratelimit: no admin.key written; creating a key with the CLI")
-        lines = [
-            ln.strip()
-            for ln in _cli(["keys", "create", "--name", "bench", "--scope", "*"], env).splitlines()
-        ]
-        return [ln for ln in lines if ln][-1]
+        made = tenfold_command(["keys", "create", "--name", "bench", "--scope", "*"], env)
+        return [ln.strip() for ln in made.splitlines() if ln.strip()][-1]
 
 
 def http_result(
@@ -371,17 +345,10 @@ def http_result(
     """tenfold's check endpoint on one server process (memory backends)."""
     peer = ceiling["scenario"]
     data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-"))
-    (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
-    env.update(
-        TENFOLD_DATA_DIR=str(data_dir),
-        TENFOLD_SERVICES="ratelimit",
-        TENFOLD_LOG_LEVEL="warning",
-        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),
-    )
+    env = server_env(data_dir, "ratelimit")
 
     def measure_check() -> bench_http.HttpFigures:
-        _cli(["migrate"], env)
+        tenfold_command(["migrate"], env)
         with bench_http.serve_app("tenfold.app:build_app", env, server) as base_url:
             key = _admin_key(data_dir, env)
             status, text = _post(base_url + "/api/v1/policies", POLICY, key)

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -29,14 +28,26 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from benchmarks import http as bench_http
-from benchmarks._runner import Timing, log, measure, percentile_ms, result, timing_result
+from benchmarks._runner import (
+    Timing,
+    admin_key,
+    log,
+    measure,
+    percentile_ms,
+    result,
+    server_env,
+    tenfold_command,
+    timing_result,
+)
+from benchmarks._runner import attempt as _attempt
 from benchmarks._wrk import ensure_wrk, parse
 
-T = TypeVar("T")
+attempt = partial(_attempt, "sessions")  # a measurement whose failure is logged
 
 VALIDATE_TARGET_PER_S = 250_000  # in-process, warm cache, one core
 JWT_TARGET_RATIO = 0.8  # tenfold's verify vs PyJWT's decode
@@ -88,16 +99,6 @@ def sizes(quick: bool) -> Sizes:
     if quick:
         return Sizes(200, 200_000, 20_000, 5_000, 10_000, 2_000, seconds=3.0)
     return Sizes(1_000, 1_000_000, 100_000, 20_000, 50_000, 10_000, seconds=10.0)
-
-
-def attempt(what: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
-    """Run one measurement; an exception becomes a one-line error."""
-    try:
-        return fn(), None
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-        log(f"sessions: {what}: error: {message}")
-        return None, message
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -380,20 +381,6 @@ def jwt_result(quick: bool, env: Embedded) -> dict[str, Any]:
 # --- HTTP helpers --------------------------------------------------------------------------
 
 
-def _tenfold(args: list[str], env: dict[str, str]) -> str:
-    beside = Path(sys.executable).with_name("tenfold")
-    command = [str(beside)] if beside.exists() else [sys.executable, "-m", "tenfold"]
-    proc = subprocess.run(
-        [*command, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"`tenfold {' '.join(args)}` failed ({proc.returncode}): "
-            + (proc.stderr or proc.stdout).strip()[-500:]
-        )
-    return proc.stdout
-
-
 def _post(url: str, body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url,
@@ -409,29 +396,6 @@ def _post(url: str, body: dict[str, Any], key: str) -> tuple[int, dict[str, Any]
         return int(exc.code), {"error": text[:300]}
 
 
-def _admin_key(data_dir: Path) -> str:
-    path = data_dir / "admin.key"
-    deadline = time.monotonic() + 15
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server wrote no admin key to {path}")
-        time.sleep(0.05)
-    return path.read_text().strip()
-
-
-def _server_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
-    env.update(
-        TENFOLD_DATA_DIR=str(data_dir),
-        TENFOLD_SERVICES="sessions",
-        TENFOLD_LOG_LEVEL="warning",
-        TENFOLD_CONFIG=str(data_dir / "tenfold.toml"),
-        **extra,
-    )
-    return env
-
-
 # --- 3. HTTP validation --------------------------------------------------------------------
 
 
@@ -439,11 +403,11 @@ def http_validate_results(quick: bool) -> list[dict[str, Any]]:
     ceiling = bench_http.ceiling(quick)
     figures = bench_http.measure_ceilings(quick)
     data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-sessions-http-"))
-    env = _server_env(data_dir)
+    env = server_env(data_dir, "sessions")
     records = []
     token: str | None = None
     try:
-        _, migrate_err = attempt("migrate", lambda: _tenfold(["migrate"], env))
+        _, migrate_err = attempt("migrate", lambda: tenfold_command(["migrate"], env))
         for server in ("granian", "uvicorn"):
             scenario = f"http-validate-{server}"
             if migrate_err:
@@ -453,7 +417,7 @@ def http_validate_results(quick: bool) -> list[dict[str, Any]]:
             def run(server: bench_http.Server = server) -> bench_http.HttpFigures:
                 nonlocal token
                 with bench_http.serve_app("tenfold.app:build_app", env, server) as base_url:
-                    key = _admin_key(data_dir)
+                    key = admin_key(data_dir)
                     if token is None:
                         status, body = _post(
                             base_url + CREATE_PATH, {"user_id": "u1", "device_info": DEVICE}, key
@@ -587,14 +551,14 @@ def create_with_service(url: str, master: bytes, seconds: float) -> tuple[float,
 def create_over_http(url: str, master: bytes, quick: bool) -> bench_http.HttpFigures:
     data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-sessions-pg-"))
     secret = base64.urlsafe_b64encode(master).decode()  # the key that sealed the data keys
-    env = _server_env(data_dir, TENFOLD_DATABASE_URL=url, TENFOLD_SECRET_KEY=secret)
+    env = server_env(data_dir, "sessions", TENFOLD_DATABASE_URL=url, TENFOLD_SECRET_KEY=secret)
     script = data_dir / "create.lua"
     script.write_text(CREATE_LUA)
     wrk = ensure_wrk()
     duration = bench_http.duration_s(quick)
     try:
         with bench_http.serve_app("tenfold.app:build_app", env, "uvicorn") as base_url:
-            key = _admin_key(data_dir)
+            key = admin_key(data_dir)
             status, body = _post(base_url + CREATE_PATH, {"user_id": "probe"}, key)
             if status != 201:
                 raise RuntimeError(f"POST {CREATE_PATH} answered {status}: {body}")

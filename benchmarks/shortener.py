@@ -33,24 +33,30 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from benchmarks import http as bench_http
 from benchmarks._runner import (
+    admin_key,
     delete_prefix,
     free_port,
     log,
     percentile_ms,
     result,
+    server_env,
     tail,
+    tenfold_command,
     wait_for_port,
 )
+from benchmarks._runner import attempt as _attempt
 from benchmarks._wrk import WrkResult, ensure_wrk, parse, run_wrk
-from benchmarks.sessions import _admin_key, _tenfold, new_loop, throwaway_database
+from benchmarks.sessions import new_loop, throwaway_database
 
 T = TypeVar("T")
+attempt = partial(_attempt, "shortener")  # a measurement whose failure is logged
 
 REDIRECT_TARGET_RATIO = 0.25  # of nginx's fixed 302, requests/s at 50 connections
 REDIRECT_TARGET_P99_MS = 5.0  # at 10 connections
@@ -115,16 +121,6 @@ function request()
   return requests[n]
 end
 """
-
-
-def attempt(what: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
-    """Run one measurement; an exception becomes a one-line error."""
-    try:
-        return fn(), None
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-        log(f"shortener: {what}: error: {message}")
-        return None, message
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -250,21 +246,6 @@ def request(
         conn.close()
 
 
-def _server_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    (data_dir / "tenfold.toml").write_text("")  # an empty config: ignore one in the cwd
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
-    env.update(
-        {
-            "TENFOLD_DATA_DIR": str(data_dir),
-            "TENFOLD_SERVICES": "shortener",
-            "TENFOLD_LOG_LEVEL": "warning",
-            "TENFOLD_CONFIG": str(data_dir / "tenfold.toml"),
-        }
-    )
-    env.update(extra)
-    return env
-
-
 def _create_link(base_url: str, key: str) -> str:
     status, _, body = request(
         base_url, "POST", CREATE_PATH, {"url": TARGET_URL}, {"Authorization": f"Bearer {key}"}
@@ -330,14 +311,15 @@ def redirect_server(server: bench_http.Server, analytics: bool) -> Iterator[Side
     """A fresh embedded tenfold (SQLite, memory) serving one warm link on `server`."""
     data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-shortener-"))
     try:
-        env = _server_env(
+        env = server_env(
             data_dir,
+            "shortener",
             TENFOLD_SHORTENER_ANALYTICS="true" if analytics else "false",
             TENFOLD_RATELIMIT_TRUSTED_PROXIES="127.0.0.1",  # X-Forwarded-For names the client
         )
-        _tenfold(["migrate"], env)
+        tenfold_command(["migrate"], env)
         with bench_http.serve_app("tenfold.app:build_app", env, server) as base_url:
-            key = _admin_key(data_dir)
+            key = admin_key(data_dir)
             code = _create_link(base_url, key)
             side = Side(base_url, key, code)
             _warm_redirect(base_url, urlsplit(side.url).path)
@@ -643,8 +625,9 @@ def creation_results(quick: bool) -> list[dict[str, Any]]:
         with throwaway_database() as url:
             data_dir = Path(tempfile.mkdtemp(prefix="tenfold-bench-shortener-pg-"))
             secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
-            env = _server_env(
+            env = server_env(
                 data_dir,
+                "shortener",
                 TENFOLD_DATABASE_URL=url,
                 TENFOLD_REDIS_URL=REDIS_URL,
                 TENFOLD_REDIS_PREFIX=f"{REDIS_PREFIX}shortener",
@@ -652,7 +635,7 @@ def creation_results(quick: bool) -> list[dict[str, Any]]:
             )
             try:
                 with bench_http.serve_app("tenfold.app:build_app", env, "uvicorn") as base_url:
-                    admin = _admin_key(data_dir)
+                    admin = admin_key(data_dir)
                     # A business account (no monthly quota): creation as a customer does it.
                     status, _, account = request(
                         base_url,
