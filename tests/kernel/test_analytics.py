@@ -83,17 +83,29 @@ async def test_insert_small_and_large_batches_round_trip(store: AnalyticsStore) 
     tricky = ('comma, "quote"\nnewline', 1, -0.5, True, T0, D0)
     empty = ("", 0, 0.0, False, T0, D0)
     await store.insert(EVENTS, [tricky, empty])
-    await store.insert(EVENTS, [event(i) for i in range(5_000)])  # big: the bulk path
+    # big: the bulk path, with the same awkward values among the plain ones
+    big_tricky = ("\"\", '', \\N\r\n", -(2**62), 1e-300, False, T0.replace(microsecond=1), D0)
+    big_empty = ("", 0, 0.0, True, T0, D0)
+    await store.insert(EVENTS, [event(i) for i in range(5_000)] + [big_tricky, big_empty])
     await store.insert(EVENTS, [])
     rows = await store.fetch("SELECT name, n, x, flag, ts, day FROM analytics_test_events")
-    assert len(rows) == 5_002
+    assert len(rows) == 5_004
     assert tricky in rows and empty in rows and event(4_999) in rows
+    assert big_tricky in rows and big_empty in rows
     count = await store.fetch(
         "SELECT CAST(count(*) AS BIGINT), CAST(sum(n) AS BIGINT) FROM analytics_test_events"
         " WHERE name = :name AND n >= :low",
         {"name": "a", "low": 10},
     )
     assert count == [(4_990, sum(range(10, 5_000)))]
+
+
+async def test_a_big_batch_with_a_missing_value_is_refused_whole(store: AnalyticsStore) -> None:
+    rows = [event(i) for i in range(1_000)]
+    rows[500] = (None, *rows[500][1:])
+    with pytest.raises(StorageError):
+        await store.insert(EVENTS, rows)
+    assert await store.fetch("SELECT name FROM analytics_test_events") == []
 
 
 async def test_ensure_is_idempotent(store: AnalyticsStore) -> None:
