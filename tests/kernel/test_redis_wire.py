@@ -610,9 +610,14 @@ def test_sync_wire_polls_alone_for_fast_replies_and_stops_polling_for_slow_ones(
     wire = SyncWire(f"redis://127.0.0.1:{server.port}/0", timeout=5.0)
     try:
         assert wire.spin == redis_wire.SPIN_SECONDS  # on Linux: kernel timeouts
-        for _ in range(20):
-            assert wire.call(b"PING") == b"PONG"
+        assert wire.call(b"PING") == b"PONG"
         conn = wire._local.conn
+        for _ in range(3):  # a VM's stolen time can make SPIN_MISSES late replies in a row
+            conn.paused = conn.misses = 0
+            for _ in range(20):
+                assert wire.call(b"PING") == b"PONG"
+            if conn.paused == 0:
+                break
         assert conn.paused == 0  # answered while polling (a late one now and then is no pause)
         server.delay = redis_wire.SPIN_SECONDS * 10
         other = object()  # another thread waiting on Redis: nobody polls meanwhile
