@@ -152,11 +152,13 @@ class MemoryKV:
         fresh = held is None
         if held is None:
             held = set()
-        added = []
-        for member in members:
-            if member not in held:
-                held.add(member)
-                added.append(member)
+        distinct = list(dict.fromkeys(members))  # in order, once each
+        if held.isdisjoint(distinct):  # all new (a batch of first visits): no loop in Python
+            added = distinct
+            held.update(distinct)
+        else:
+            added = [m for m in distinct if m not in held]
+            held.update(added)
         if fresh and added:
             self._sets[key] = held
             self._set_ttl(key, ttl)

@@ -12,7 +12,7 @@ in batches, enriches them and writes them to the analytics store in one transact
   unless asked for (`include_bots=True`); `bot_clicks` always reports them;
 - country and city from a MaxMind-format database when one is configured;
 - the referrer's host ("" = direct);
-- a visitor id, keyed BLAKE2b (a MAC) of day|ip|user agent under salt_key, 64 bits: salted per
+- a visitor id, keyed BLAKE2b (a MAC) of day|user agent|ip under salt_key, 64 bits: salted per
   UTC day, so a visitor cannot be followed across days, and the raw IP is never stored.
 
 Unique clicks: a visitor counts once per link per UTC day. The count for a range of days is
@@ -40,8 +40,9 @@ dropped beyond it) and `flush()` raises; the transaction means nothing is half-w
 from __future__ import annotations
 
 import asyncio
+import struct
 import weakref
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from functools import lru_cache
@@ -65,7 +66,9 @@ Granularity = Literal["hour", "day", "week"]
 RawClick = tuple[int, str, str, str, str, str, int]
 """at_ms, domain, code, ip, user agent, referrer, and how many identical clicks it stands for."""
 ClickRow = tuple[str, str, datetime, int, bool, str, str, str, str, str, str]
-"""One enriched click, in the column order of `CLICKS`."""
+"""One enriched click, in the column order of `CLICKS` without its count."""
+CountedRow = tuple[str, str, datetime, int, bool, str, str, str, str, str, str, int]
+"""A row of `CLICKS`: an enriched click and how many identical clicks it stands for."""
 
 CLICKS = EventTable(
     "analytics_link_clicks",
@@ -163,6 +166,8 @@ _FACETS = (
     ("referrer", "referrer_stats", "", 10),
 )
 SEEN_CACHE = 200_000
+SEEN_AGENTS = 1_024  # keyed hash states kept for (day, user agent) pairs, about
+_VISITOR_ID = struct.Struct(">q").unpack
 VISITOR_SET_SECONDS = 2 * 86_400.0  # a day's visitor set outlives its day by one more
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_DAY = date(1970, 1, 1)
@@ -259,17 +264,17 @@ Visit = tuple[str, str, date, int]  # domain, code, day, visitor
 HourKey = tuple[str, str, datetime, bool]
 
 
-def _roll_up(
-    rows: Sequence[ClickRow], weights: Sequence[int]
-) -> tuple[dict[HourKey, list[int]], Counter[tuple[Any, ...]], dict[Visit, HourKey]]:
+RollUps = tuple[dict[HourKey, list[int]], Counter[tuple[Any, ...]], dict[Visit, HourKey]]
+
+
+def _roll_up(rows: Sequence[CountedRow]) -> RollUps:
     """Per-hour click counts, per-day facet counts, and each visit's earliest hour (where a
     first visit of the day counts its unique click)."""
     hours: dict[HourKey, list[int]] = {}
-    combos: Counter[tuple[Any, ...]] = Counter()
+    combos: dict[tuple[Any, ...], int] = {}
     visits: dict[Visit, HourKey] = {}
     periods: dict[datetime, tuple[datetime, date]] = {}  # a batch spans few distinct seconds
-    for row, n in zip(rows, weights, strict=True):
-        domain, code, at, visitor, bot = row[0], row[1], row[2], row[3], row[4]
+    for domain, code, at, visitor, bot, country, city, device, os_name, browser, ref, n in rows:
         period = periods.get(at)
         if period is None:
             period = periods[at] = (at.replace(minute=0, second=0, microsecond=0), at.date())
@@ -277,13 +282,15 @@ def _roll_up(
         hour_key = (domain, code, hour, bot)
         tally = hours.get(hour_key)
         if tally is None:
-            tally = hours[hour_key] = [0, 0]
-        tally[0] += n
+            hours[hour_key] = [n, 0]
+        else:
+            tally[0] += n
         visit = (domain, code, day, visitor)
         earlier = visits.get(visit)
-        if earlier is None or hour_key[2] < earlier[2]:
+        if earlier is None or hour < earlier[2]:
             visits[visit] = hour_key
-        combos[(domain, code, day, bot, *row[5:11])] += n
+        combo = (domain, code, day, bot, country, city, device, os_name, browser, ref)
+        combos[combo] = combos.get(combo, 0) + n
     facets: Counter[tuple[Any, ...]] = Counter()
     for (domain, code, day, bot, *values), n in combos.items():
         for name, _, _, index in _FACETS:
@@ -369,14 +376,17 @@ class ClickRecorder(ClickBuffer):
         self.clock = clock
         self.batch = batch
         self.count_bots = count_bots  # the default of report(include_bots=...)
-        self._salt_key = salt_key
         self._locate = geoip_locator(geoip_db)
         self._flush_lock = asyncio.Lock()
         self._started = False
         self._pruned_day: date | None = None
-        # Visits (link, day, visitor) this process wrote lately: a returning visitor's clicks
-        # need no question to the store (oldest forgotten first).
-        self._seen: OrderedDict[Visit, None] = OrderedDict()
+        # Visits (link, day, visitor) this process wrote lately, newer and older: a returning
+        # visitor's clicks need no question to the store (the oldest are forgotten first).
+        self._seen: tuple[dict[Visit, None], dict[Visit, None]] = ({}, {})
+        # BLAKE2b's keyed mode (a MAC, keys up to 64 bytes), keyed once; and its state after
+        # each (day, user agent) lately seen.
+        self._keyed = blake2b(key=salt_key[:64], digest_size=8)
+        self._macs: dict[tuple[int, str], Any] = {}
         self._owed: set[Visit] = set()
         self.kv = kv  # visitor sets; without one, the store's visitors table answers
         self.raw_clicks = raw_clicks  # also keep every (distinct) click, not only roll-ups
@@ -412,8 +422,8 @@ class ClickRecorder(ClickBuffer):
                 taken = sum(r[6] for r in raw)
                 self._clicks -= taken
                 try:
-                    rows, counts = await asyncio.to_thread(self.enrich, raw)
-                    await self.write(rows, counts)
+                    rows, roll_ups = await asyncio.to_thread(self._prepare, raw)
+                    await self._store(rows, roll_ups)
                 except BaseException:
                     self._put_back(raw)
                     FLUSH_FAILURES.inc()
@@ -433,36 +443,37 @@ class ClickRecorder(ClickBuffer):
                 keep.append(click if fits == click[6] else (*click[:6], fits))
         self._buffer.extendleft(keep)  # `keep` is newest first: extendleft restores the order
 
-    def enrich(self, raw: Sequence[RawClick]) -> tuple[list[ClickRow], list[int]]:
-        """Raw clicks -> rows of `CLICKS` and how many clicks each row stands for.
+    def _prepare(self, raw: Sequence[RawClick]) -> tuple[list[CountedRow], RollUps]:
+        """Enriched rows and their roll-ups: the CPU work of a flush, run off the event loop."""
+        rows = self.enrich(raw)
+        return rows, _roll_up(rows)
+
+    def enrich(self, raw: Sequence[RawClick]) -> list[CountedRow]:
+        """Raw clicks -> rows of `CLICKS`, each with how many clicks it stands for.
 
         Identical clicks (same second, link, address, user agent and referrer: a reload, a
-        retry, a bot) become one row, so the work below is per distinct click. CPU work: run it
-        off the event loop.
+        retry, a bot) become one row, so the work below is per distinct click.
         """
-        # BLAKE2b's keyed mode (a MAC, keys up to 64 bytes), keyed once: each visitor id hashes
-        # a copy of that state.
-        keyed = blake2b(key=self._salt_key[:64], digest_size=8)
-        locate = self._locate
         groups: dict[tuple[int, str, str, str, str, str], int] = {}
         for r in raw:
             group = (r[0] - r[0] % 1000, r[1], r[2], r[3], r[4], r[5])
             groups[group] = groups.get(group, 0) + r[6]
-        visitors: dict[tuple[int, str, str], int] = {}
+        macs = self._macs
+        locate = self._locate
         stamps: dict[int, datetime] = {}
         places: dict[str, tuple[str, str]] = {}
-        rows: list[ClickRow] = []
-        counts: list[int] = []
+        rows: list[CountedRow] = []
+        append = rows.append
         for (at_ms, domain, code, ip, user_agent, referrer), n in groups.items():
             device, os_name, browser, bot = classify(user_agent)
             day = at_ms // _DAY_MS
-            visitor = visitors.get((day, ip, user_agent))
-            if visitor is None:
-                mac = keyed.copy()
-                mac.update(f"{day}|{ip}|{user_agent}".encode())
-                visitor = visitors[(day, ip, user_agent)] = int.from_bytes(
-                    mac.digest(), "big", signed=True
-                )
+            # The visitor id: keyed BLAKE2b of day|agent|address. The state after the day and
+            # the agent is kept per batch (a batch has few agents): one block to hash per click.
+            mac = macs.get((day, user_agent))
+            if mac is None:
+                mac = macs[(day, user_agent)] = self._mac_of(day, user_agent)
+            mac = mac.copy()
+            mac.update(ip.encode())
             at = stamps.get(at_ms)
             if at is None:
                 at = stamps[at_ms] = _EPOCH + timedelta(milliseconds=at_ms)
@@ -473,12 +484,12 @@ class ClickRecorder(ClickBuffer):
                 country, city = place
             else:
                 country = city = ""
-            rows.append(
+            append(
                 (
                     domain,
                     code,
                     at,
-                    visitor,
+                    _VISITOR_ID(mac.digest())[0],
                     bot,
                     country,
                     city,
@@ -486,20 +497,34 @@ class ClickRecorder(ClickBuffer):
                     os_name,
                     browser,
                     referrer_host(referrer),
+                    n,
                 )
             )
-            counts.append(n)
-        return rows, counts
+        if len(macs) > 4 * SEEN_AGENTS:
+            macs.clear()
+        return rows
+
+    def _mac_of(self, day: int, user_agent: str) -> Any:
+        """The keyed hash state after day|length|agent| (the length keeps an agent holding a
+        `|` from reading as another agent and address)."""
+        mac = self._keyed.copy()
+        mac.update(f"{day}|{len(user_agent)}|{user_agent}|".encode())
+        return mac
 
     async def write(self, rows: Sequence[ClickRow], counts: Sequence[int] | None = None) -> None:
         """Store enriched clicks (`counts[i]` clicks for `rows[i]`, 1 each by default) and add
         them into the roll-ups, all or nothing."""
+        weights = counts if counts is not None else [1] * len(rows)
+        counted = [(*row, n) for row, n in zip(rows, weights, strict=True)]
+        await self._store(counted, _roll_up(counted))
+
+    async def _store(self, rows: list[CountedRow], roll_ups: RollUps) -> None:
+        """Write a batch and its roll-ups in one transaction."""
         if not rows:
             return
-        weights = counts if counts is not None else [1] * len(rows)
-        hours, facets, visits = _roll_up(rows, weights)
-        known = self._seen
-        fresh = [v for v in visits if v not in known]
+        hours, facets, visits = roll_ups
+        known, older = self._seen
+        fresh = [v for v in visits if v not in known and v not in older]
         first: set[Visit] = set()
         if self.kv is not None and fresh:
             first = await self._first_visits(fresh)
@@ -509,14 +534,16 @@ class ClickRecorder(ClickBuffer):
             for visit in first:  # the visitor's first click of the day: a unique click
                 hours[visits[visit]][1] += 1
             if self.raw_clicks:
-                await tx.insert(CLICKS, [(*row, n) for row, n in zip(rows, weights, strict=True)])
+                await tx.insert(CLICKS, rows)
             await tx.upsert(HOURS, [(*k, c, u) for k, (c, u) in hours.items()])
             await tx.upsert(FACETS, [(*k, n) for k, n in facets.items()])
-        self._owed.difference_update(first)
-        for visit in fresh:  # committed: these need no asking next time
-            known[visit] = None
-        while len(known) > SEEN_CACHE:
-            known.popitem(last=False)
+        if self._owed:
+            self._owed.difference_update(first)
+        # Committed: these need no asking next time. Two generations of SEEN_CACHE / 2: when
+        # the newer fills up it becomes the older, and the oldest visits are forgotten.
+        known.update(dict.fromkeys(fresh))
+        if len(known) > SEEN_CACHE // 2:
+            self._seen = ({}, known)
 
     async def _first_visits(self, visits: list[Visit]) -> set[Visit]:
         """Which visits are a visitor's first of the day on that link, by the shared visitor
@@ -532,7 +559,8 @@ class ClickRecorder(ClickBuffer):
             members = {v[3].to_bytes(8, "big", signed=True): v for v in group}
             added = await self.kv.add_members(key, list(members), ttl=VISITOR_SET_SECONDS)
             first.update(members[m] for m in added)
-        first.update(v for v in visits if v in self._owed)
+        if self._owed:
+            first.update(v for v in visits if v in self._owed)
         self._owed.update(first)  # until the write that counts them commits
         return first
 
@@ -643,8 +671,8 @@ class ClickRecorder(ClickBuffer):
                         f"DELETE FROM {table.name} WHERE domain = :domain AND code = :code",  # noqa: S608
                         {"domain": domain, "code": code},
                     )
-            self._seen = OrderedDict(
-                (v, None) for v in self._seen if v[0] != domain or v[1] != code
+            self._seen = tuple(  # type: ignore[assignment]
+                {v: None for v in seen if v[0] != domain or v[1] != code} for seen in self._seen
             )
             if self.kv is not None:
                 today = _EPOCH_DAY + timedelta(days=self.clock.now_ms() // _DAY_MS)
