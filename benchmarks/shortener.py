@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -66,7 +67,10 @@ REPORT_TARGET_MS = 100.0  # report() of one link with 1M clicks
 
 BULK_SIZE = 1_000  # links per POST /api/v1/urls/bulk (the API's maximum)
 BULK_CLIENTS = 4  # concurrent bulk callers
-ANALYTICS_ROUNDS = 2  # alternating on/off throughput runs per side (--quick: 1)
+# Alternating on/off throughput runs per side (--quick: 1 of the quick duration): many short
+# rounds rather than a few long ones, so a burst of the host's stolen time hits both sides.
+ANALYTICS_ROUNDS = 4
+ANALYTICS_SECONDS = 5
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = secrets.token_hex(4)
@@ -356,6 +360,8 @@ class AnalyticsPair:
     non_2xx: int
     socket_errors: int
     rounds: int
+    child_cpu_s: float | None = None  # the click analytics process, over the timed "on" runs
+    on_seconds: float = 0.0
 
 
 def analytics_pair(
@@ -363,16 +369,22 @@ def analytics_pair(
 ) -> AnalyticsPair:
     """Alternating throughput runs on the analytics-on and -off servers (both up all along, so
     drift in the machine's load hits both alike); requests/s summed over the rounds."""
-    seconds = bench_http.duration_s(quick)
+    seconds = bench_http.duration_s(True) if quick else ANALYTICS_SECONDS
     rounds = 1 if quick else ANALYTICS_ROUNDS
     clicks_before = _total_clicks(on.base_url, on.code, on.key) or 0
     totals = {"on": [0, 0.0], "off": [0, 0.0]}
     non_2xx = socket_errors = sent = 0
+    child = _click_process_pid()
+    child_cpu: float | None = 0.0 if child else None
     for r in range(rounds):
         order = (("on", on), ("off", off)) if r % 2 == 0 else (("off", off), ("on", on))
         for name, side in order:
             warm = clients_load(side.url, script, 1, fresh)  # warm-up, the rotation included
+            before = _cpu_seconds(child) if child and name == "on" else None
             got = clients_load(side.url, script, seconds, fresh)
+            if before is not None and child_cpu is not None:
+                after = _cpu_seconds(child)
+                child_cpu = child_cpu + after - before if after is not None else None
             if name == "on":
                 sent += warm.requests + got.requests
             totals[name][0] += got.requests
@@ -390,6 +402,90 @@ def analytics_pair(
         clicks_recorded=None if clicks is None else clicks - clicks_before,
         non_2xx=non_2xx,
         socket_errors=socket_errors,
+        rounds=rounds,
+        child_cpu_s=child_cpu,
+        on_seconds=totals["on"][1],
+    )
+
+
+def _click_process_pid() -> int | None:
+    """The click analytics process of the analytics-on server (the only one running)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"tenfold.shortener.click_process" in cmdline:
+                return int(entry.name)
+    return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+BURNER = """
+import os, sys, time
+os.nice(10)  # as the click analytics process
+share, period = float(sys.argv[1]), 0.02
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < share * period:
+        d = {}
+        for i in range(500):
+            d[(i, str(i))] = i
+    time.sleep((1 - share) * period)
+"""
+
+
+@dataclass
+class BackgroundPair:
+    alone_per_s: float
+    beside_per_s: float
+    burner_share: float  # of one core, measured
+    rounds: int
+
+
+def background_pair(side: Side, share: float, quick: bool, script: Path) -> BackgroundPair:
+    """The analytics-off server at new-visitor load, alone and beside a process burning
+    `share` of one core at the click process's niceness: what that much CPU spent on
+    anything else costs this machine."""
+    seconds = bench_http.duration_s(True) if quick else ANALYTICS_SECONDS
+    rounds = 1 if quick else ANALYTICS_ROUNDS
+    totals = {"alone": [0, 0.0], "beside": [0, 0.0]}
+    burned = elapsed = 0.0
+    for r in range(rounds):
+        for name in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
+            clients_load(side.url, script, 1, True)
+            burner = (
+                subprocess.Popen([sys.executable, "-c", BURNER, f"{share:.4f}"])
+                if name == "beside"
+                else None
+            )
+            try:
+                before = _cpu_seconds(burner.pid) if burner else None
+                started = time.monotonic()
+                got = clients_load(side.url, script, seconds, True)
+                if burner and before is not None:
+                    burned += (_cpu_seconds(burner.pid) or before) - before
+                    elapsed += time.monotonic() - started
+            finally:
+                if burner:
+                    burner.kill()
+                    burner.wait()
+            totals[name][0] += got.requests
+            totals[name][1] += got.requests / got.ops_per_s if got.ops_per_s else 0.0
+    return BackgroundPair(
+        alone_per_s=totals["alone"][0] / totals["alone"][1],
+        beside_per_s=totals["beside"][0] / totals["beside"][1],
+        burner_share=burned / elapsed if elapsed else 0.0,
         rounds=rounds,
     )
 
@@ -436,9 +532,12 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
             pair_err: str | None = None
             fresh_pair: AnalyticsPair | None = None
             fresh_err: str | None = None
+            background: BackgroundPair | None = None
+            background_err: str | None = None
 
             def run(server: bench_http.Server = server) -> None:
                 nonlocal figures, off_latency, pair, pair_err, fresh_pair, fresh_err
+                nonlocal background, background_err
                 with ExitStack() as stack:
                     on = stack.enter_context(redirect_server(server, analytics=True))
                     off = stack.enter_context(redirect_server(server, analytics=False))
@@ -457,6 +556,12 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
                         f"analytics-cost-new-visitors-{server}",
                         lambda: analytics_pair(on, off, quick, script, fresh=True),
                     )
+                    share = _child_share(fresh_pair)
+                    if share:
+                        background, background_err = attempt(
+                            f"background-cpu-cost-{server}",
+                            lambda: background_pair(off, share, quick, script),
+                        )
 
             _, err = attempt(f"redirect-{server}", run)
             pair_err = pair_err or err
@@ -465,6 +570,7 @@ def redirect_results(quick: bool) -> list[dict[str, Any]]:
             )
             records.append(analytics_record(server, pair, pair_err))
             records.append(analytics_record(server, fresh_pair, fresh_err or err, fresh=True))
+            records.append(background_record(server, background, fresh_pair, background_err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return records
@@ -533,12 +639,52 @@ def analytics_record(
         clicks_sent=pair.clicks_sent if pair else None,
         clicks_recorded=pair.clicks_recorded if pair else None,
         rounds=pair.rounds if pair else None,
+        click_process_cpu_share=_child_share(pair),
+        click_process_cpu_us_per_click=(
+            pair.child_cpu_s / pair.on_requests * 1e6
+            if pair and pair.child_cpu_s is not None and pair.on_requests
+            else None
+        ),
         clients=clients,
         config="GET /r/{code} at 50 connections; TENFOLD_SHORTENER_ANALYTICS=true vs false "
         "(defaults otherwise: raw clicks kept)",
         non_2xx=pair.non_2xx if pair else None,
         socket_errors=pair.socket_errors if pair else None,
         error=err,
+    )
+
+
+def _child_share(pair: AnalyticsPair | None) -> float | None:
+    """The click process's CPU over the timed analytics-on runs, as a share of one core."""
+    if pair is None or pair.child_cpu_s is None or not pair.on_seconds:
+        return None
+    return pair.child_cpu_s / pair.on_seconds
+
+
+def background_record(
+    server: bench_http.Server,
+    got: BackgroundPair | None,
+    fresh: AnalyticsPair | None,
+    err: str | None,
+) -> dict[str, Any]:
+    change = abs(1.0 - got.beside_per_s / got.alone_per_s) if got else None
+    return result(
+        f"background-cpu-cost-{server}",
+        got.beside_per_s if got else None,
+        None,
+        None,
+        f"redirect-{server}-analytics-off-alone",
+        got.alone_per_s if got else None,
+        change=_round(change, 4),
+        burner_cpu_share=got.burner_share if got else None,
+        click_process_cpu_share=_child_share(fresh),
+        rounds=got.rounds if got else None,
+        server=server,
+        clients="a new visitor every request (random X-Forwarded-For in 10/8)",
+        config="the analytics-off server beside a niced process burning about the CPU the "
+        "click analytics process used at new-visitor load: what that much CPU spent on "
+        "anything else costs this machine (the peer of analytics-cost-new-visitors)",
+        error=err or (None if fresh and _child_share(fresh) else "no click process CPU figure"),
     )
 
 
