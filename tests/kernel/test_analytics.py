@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from datetime import date, datetime
 from pathlib import Path
@@ -98,6 +99,14 @@ async def test_insert_small_and_large_batches_round_trip(store: AnalyticsStore) 
         {"name": "a", "low": 10},
     )
     assert count == [(4_990, sum(range(10, 5_000)))]
+
+
+async def test_a_big_batch_keeps_floats_json_cannot_carry(store: AnalyticsStore) -> None:
+    odd = [("inf", 1, math.inf, True, T0, D0), ("-inf", 2, -math.inf, True, T0, D0)]
+    await store.insert(EVENTS, [event(i) for i in range(1_000)] + odd)
+    rows = await store.fetch("SELECT name, x FROM analytics_test_events WHERE flag AND n < 3")
+    assert ("inf", math.inf) in rows and ("-inf", -math.inf) in rows
+    assert len(await store.fetch("SELECT name FROM analytics_test_events")) == 1_002
 
 
 async def test_a_big_batch_with_a_missing_value_is_refused_whole(store: AnalyticsStore) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -35,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
+
+import orjson
 
 from tenfold.kernel.errors import BackendUnavailable, StorageError
 
@@ -166,7 +169,7 @@ _DUCK_TYPES: dict[str, str] = {
     "timestamp": "TIMESTAMP",
     "date": "DATE",
 }
-_CSV_ABOVE = 200  # rows: bigger batches go through a CSV file, 3x faster than bound lists
+_BULK_ABOVE = 200  # rows: bigger batches go through a JSON file, much faster than bound lists
 
 
 def _duck_ddl(table: EventTable) -> str:
@@ -180,38 +183,15 @@ def _duck_select_lists(table: EventTable) -> str:
     return ", ".join(f"unnest(${i + 1}) AS {n}" for i, n in enumerate(table.names))
 
 
-class _Formatted(dict[Any, str]):
-    """A column's values as CSV fields, each distinct value formatted once: columns repeat
-    (a link, a browser, a second), so most cells are one dict lookup."""
-
-    def __init__(self, quote: bool) -> None:
-        super().__init__()
-        self._quote = quote
-
-    def __missing__(self, value: Any) -> str:
-        if value is None:
-            field = ""  # NULL, which every NOT NULL column refuses
-        elif self._quote:
-            field = '"' + str(value).replace('"', '""') + '"'
-        elif value is True or value is False:
-            field = "true" if value else "false"
-        else:
-            field = str(value)
-        self[value] = field
-        return field
-
-
-def _csv_text(table: EventTable, rows: Sequence[Row]) -> str:
-    """Rows as CSV for DuckDB's read_csv: strings always quoted ("" is an empty string, an
-    unquoted empty field NULL), the rest as Python prints them. Column by column, so the loops
-    run in C: about 3x faster than `csv.writer` for a batch of clicks."""
-    fields = [
-        map(str, column)
-        if kind in ("int", "float")
-        else map(_Formatted(kind == "string").__getitem__, column)
-        for (_, kind), column in zip(table.columns, zip(*rows, strict=True), strict=True)
-    ]
-    return "\n".join(map(",".join, zip(*fields, strict=True))) + "\n"
+def _json_columns(table: EventTable, rows: Sequence[Row]) -> bytes | None:
+    """A batch as one JSON object of columns ({"name": [values...]}), for DuckDB's read_json:
+    orjson writes it in C, timestamps included, about 3x faster than formatting CSV. None
+    when a float column holds NaN or an infinity, which JSON cannot carry."""
+    columns = list(map(list, zip(*rows, strict=True)))
+    for (_, kind), values in zip(table.columns, columns, strict=True):
+        if kind == "float" and not all(map(math.isfinite, values)):
+            return None
+    return orjson.dumps(dict(zip(table.names, columns, strict=True)))
 
 
 def _columns(table: EventTable, rows: Sequence[Row]) -> list[list[Any]]:
@@ -223,21 +203,23 @@ class _DuckOps:
 
     @staticmethod
     def insert(con: Any, table: EventTable, rows: Sequence[Row]) -> None:
-        if len(rows) <= _CSV_ABOVE:
+        document = _json_columns(table, rows) if len(rows) > _BULK_ABOVE else None
+        if document is None:
             con.execute(
                 f"INSERT INTO {table.name} SELECT {_duck_select_lists(table)}",
                 _columns(table, rows),
             )
             return
-        fd, path = tempfile.mkstemp(prefix="tenfold-analytics-", suffix=".csv")
+        fd, path = tempfile.mkstemp(prefix="tenfold-analytics-", suffix=".json")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(_csv_text(table, rows))
-            spec = ", ".join(f"'{n}': '{_DUCK_TYPES[k]}'" for n, k in table.columns)
+            with os.fdopen(fd, "wb") as f:
+                f.write(document)
+            spec = ", ".join(f"'{n}': '{_DUCK_TYPES[k]}[]'" for n, k in table.columns)
+            values = ", ".join(f"unnest({n})" for n in table.names)
             con.execute(
-                f"INSERT INTO {table.name} SELECT * FROM read_csv($1, header = false, "  # noqa: S608
-                f"auto_detect = false, allow_quoted_nulls = false, quote = '\"', escape = '\"', "
-                f"columns = {{{spec}}})",
+                f"INSERT INTO {table.name} SELECT {values} FROM read_json($1, "  # noqa: S608
+                f"format = 'unstructured', columns = {{{spec}}}, "
+                f"maximum_object_size = {len(document) + 1})",
                 [path],
             )
         finally:
