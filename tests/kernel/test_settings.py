@@ -193,4 +193,25 @@ def test_several_workers_without_redis_is_one_line(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("TENFOLD_WORKERS", "4")
     assert one_line_error().startswith("TENFOLD_WORKERS: more than one worker needs")
     monkeypatch.setenv("TENFOLD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("TENFOLD_SHORTENER_ANALYTICS", "false")
     assert load_settings().workers == 4
+
+
+def test_several_workers_cannot_share_duckdb_click_analytics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TENFOLD_WORKERS", "2")
+    monkeypatch.setenv("TENFOLD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert one_line_error().startswith(
+        "TENFOLD_WORKERS: more than one worker cannot share the DuckDB click analytics"
+    )
+    monkeypatch.setenv("TENFOLD_ANALYTICS_URL", "duckdb:")  # each process its own: no better
+    assert "cannot share the DuckDB" in one_line_error()
+    monkeypatch.setenv("TENFOLD_ANALYTICS_URL", "postgresql://127.0.0.1:5432/test")
+    assert load_settings().workers == 2
+    monkeypatch.delenv("TENFOLD_ANALYTICS_URL")
+    monkeypatch.setenv("TENFOLD_DATABASE_URL", "postgresql+asyncpg://127.0.0.1:5432/test")
+    assert load_settings().workers == 2  # at scale the analytics live in that database
+    monkeypatch.setenv("TENFOLD_DATABASE_URL", "sqlite:///x.db")
+    monkeypatch.setenv("TENFOLD_SERVICES", "ratelimit,sessions")
+    assert load_settings().workers == 2  # no shortener, no click analytics
