@@ -20,8 +20,24 @@ Sort = Literal["created", "clicks"]
 # What a search looks in; PostgreSQL has a trigram index on exactly this (migration 0008).
 _SPACE: sa.ColumnElement[str] = sa.literal_column("' '")
 SEARCHED = links.c.long_url + _SPACE + links.c.description + _SPACE + links.c.short_code
-SEARCH_WINDOW = 5_000  # links a search filters in order before it asks the trigram index
+# Links a search filters in order, window after window, before it asks the trigram index: a
+# term in 1 link of 100 fills a page of 50 in the first, one in 1 of 1,000 in the second.
+SEARCH_WINDOWS = (5_000, 50_000)
 INSERT_CHUNK = 1_000  # rows per INSERT (15 columns: under every driver's parameter limit)
+
+
+def _matching(
+    window: sa.Subquery, column: str, descending: bool, pattern: str, limit: int
+) -> sa.Select[Any]:
+    """The first `limit` links of `window` whose searched text matches, in its order."""
+    order = _ordered(window.c[column], window.c.link_id, descending)
+    text = window.c.long_url + _SPACE + window.c.description + _SPACE + window.c.short_code
+    return sa.select(window).where(text.ilike(pattern, escape="\\")).order_by(*order).limit(limit)
+
+
+def _ordered(column: Any, link_id: Any, descending: bool) -> tuple[Any, Any]:
+    """Keyset order: the sort column, then the link id to break ties."""
+    return (column.desc(), link_id.desc()) if descending else (column, link_id)
 
 
 def _link(row: Any) -> Link:
@@ -211,13 +227,15 @@ class SqlLinkStore:
     ) -> list[Link]:
         """One page of links by keyset (`after` is the last row's (sort value, link_id)).
 
-        A search first reads the next SEARCH_WINDOW links in order and filters them: a common
-        term fills the page there at once. Only when that is not enough does it ask the
-        trigram index (PostgreSQL), which is quick for rare terms and slow for common ones
-        (every match is sorted) — the planner cannot tell the two apart beforehand.
+        A search first reads the next links in order, SEARCH_WINDOWS at a time, and filters
+        them: a common term fills the page there at once, at a cost bounded by the window.
+        Only when that is not enough does it ask the trigram index (PostgreSQL) for every
+        match and sort them: quick for a rare term. That last query is fenced (a subquery with
+        an OFFSET is planned on its own), so the planner cannot turn it back into a walk of
+        the owner's links in order, filtering millions for a rare term.
         """
         column = links.c.created_at_ms if sort == "created" else links.c.click_count
-        order = (column.desc(), links.c.link_id.desc()) if descending else (column, links.c.link_id)
+        order = _ordered(column, links.c.link_id, descending)
         scope = []
         if owner is not None:
             scope.append(links.c.owner == owner)
@@ -232,36 +250,34 @@ class SqlLinkStore:
                 rows = (await conn.execute(query)).mappings().all()
             return [_link(r) for r in rows]
         pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        window = sa.select(links).where(*scope).order_by(*order).limit(SEARCH_WINDOW).subquery()
-        w_column = window.c[column.name]
-        w_order = (
-            (w_column.desc(), window.c.link_id.desc())
-            if descending
-            else (w_column, window.c.link_id)
-        )
-        nearby = (
-            sa.select(window)
-            .where(
-                (
-                    window.c.long_url + _SPACE + window.c.description + _SPACE + window.c.short_code
-                ).ilike(pattern, escape="\\")
-            )
-            .order_by(*w_order)
-            .limit(limit)
-        )
-        seen = sa.select(sa.func.count()).select_from(
-            sa.select(links.c.link_id).where(*scope).limit(SEARCH_WINDOW).subquery()
-        )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(nearby)).mappings().all()
-            if len(rows) >= limit or (await conn.execute(seen)).scalar_one() < SEARCH_WINDOW:
-                return [_link(r) for r in rows]  # a full page, or every link was looked at
-            query = (
-                sa.select(links)
+            for size in SEARCH_WINDOWS:
+                window = sa.select(links).where(*scope).order_by(*order).limit(size).subquery()
+                rows = (
+                    (await conn.execute(_matching(window, column.name, descending, pattern, limit)))
+                    .mappings()
+                    .all()
+                )
+                if len(rows) >= limit:
+                    return [_link(r) for r in rows]
+                seen = sa.select(sa.func.count()).select_from(
+                    sa.select(links.c.link_id).where(*scope).limit(size).subquery()
+                )
+                if (await conn.execute(seen)).scalar_one() < size:
+                    return [_link(r) for r in rows]  # every link was looked at
+            matches = (
+                sa.select(links.c.link_id, column)
                 .where(*scope, SEARCHED.ilike(pattern, escape="\\"))
-                .order_by(*order)
-                .limit(limit)
+                .offset(0)  # the fence: every match found by the index, then ordered
+                .subquery()
             )
+            top = (
+                sa.select(matches.c.link_id)
+                .order_by(*_ordered(matches.c[column.name], matches.c.link_id, descending))
+                .limit(limit)
+                .subquery()
+            )
+            query = sa.select(links).join(top, links.c.link_id == top.c.link_id).order_by(*order)
             rows = (await conn.execute(query)).mappings().all()
         return [_link(r) for r in rows]
 
