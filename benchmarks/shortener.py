@@ -27,11 +27,12 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -362,6 +363,7 @@ class AnalyticsPair:
     rounds: int
     child_cpu_s: float | None = None  # the click analytics process, over the timed "on" runs
     on_seconds: float = 0.0
+    round_ratios: tuple[float, ...] = ()  # on / off requests/s, round by round
 
 
 def analytics_pair(
@@ -376,21 +378,26 @@ def analytics_pair(
     non_2xx = socket_errors = sent = 0
     child = _click_process_pid()
     child_cpu: float | None = 0.0 if child else None
+    round_ratios: list[float] = []
     for r in range(rounds):
         order = (("on", on), ("off", off)) if r % 2 == 0 else (("off", off), ("on", on))
+        this_round: dict[str, float] = {}
         for name, side in order:
             warm = clients_load(side.url, script, 1, fresh)  # warm-up, the rotation included
             before = _cpu_seconds(child) if child and name == "on" else None
             got = clients_load(side.url, script, seconds, fresh)
-            if before is not None and child_cpu is not None:
+            if child and before is not None and child_cpu is not None:
                 after = _cpu_seconds(child)
                 child_cpu = child_cpu + after - before if after is not None else None
             if name == "on":
                 sent += warm.requests + got.requests
             totals[name][0] += got.requests
             totals[name][1] += got.requests / got.ops_per_s if got.ops_per_s else 0.0
+            this_round[name] = got.ops_per_s
             non_2xx += got.non_2xx
             socket_errors += got.socket_errors
+        if this_round["off"]:
+            round_ratios.append(this_round["on"] / this_round["off"])
     time.sleep(2.5)  # the recorder flushes every second
     clicks = _total_clicks(on.base_url, on.code, on.key)
     return AnalyticsPair(
@@ -405,6 +412,7 @@ def analytics_pair(
         rounds=rounds,
         child_cpu_s=child_cpu,
         on_seconds=totals["on"][1],
+        round_ratios=tuple(round_ratios),
     )
 
 
@@ -451,6 +459,7 @@ class BackgroundPair:
     beside_per_s: float
     burner_share: float  # of one core, measured
     rounds: int
+    round_ratios: tuple[float, ...] = ()  # beside / alone requests/s, round by round
 
 
 def background_pair(side: Side, share: float, quick: bool, script: Path) -> BackgroundPair:
@@ -461,7 +470,9 @@ def background_pair(side: Side, share: float, quick: bool, script: Path) -> Back
     rounds = 1 if quick else ANALYTICS_ROUNDS
     totals = {"alone": [0, 0.0], "beside": [0, 0.0]}
     burned = elapsed = 0.0
+    round_ratios: list[float] = []
     for r in range(rounds):
+        this_round: dict[str, float] = {}
         for name in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
             clients_load(side.url, script, 1, True)
             burner = (
@@ -482,11 +493,15 @@ def background_pair(side: Side, share: float, quick: bool, script: Path) -> Back
                     burner.wait()
             totals[name][0] += got.requests
             totals[name][1] += got.requests / got.ops_per_s if got.ops_per_s else 0.0
+            this_round[name] = got.ops_per_s
+        if this_round["alone"]:
+            round_ratios.append(this_round["beside"] / this_round["alone"])
     return BackgroundPair(
         alone_per_s=totals["alone"][0] / totals["alone"][1],
         beside_per_s=totals["beside"][0] / totals["beside"][1],
         burner_share=burned / elapsed if elapsed else 0.0,
         rounds=rounds,
+        round_ratios=tuple(round_ratios),
     )
 
 
@@ -639,6 +654,7 @@ def analytics_record(
         clicks_sent=pair.clicks_sent if pair else None,
         clicks_recorded=pair.clicks_recorded if pair else None,
         rounds=pair.rounds if pair else None,
+        **_round_changes(pair.round_ratios if pair else ()),
         click_process_cpu_share=_child_share(pair),
         click_process_cpu_us_per_click=(
             pair.child_cpu_s / pair.on_requests * 1e6
@@ -652,6 +668,18 @@ def analytics_record(
         socket_errors=pair.socket_errors if pair else None,
         error=err,
     )
+
+
+def _round_changes(ratios: Sequence[float]) -> dict[str, Any]:
+    """Each round's change (|1 - ratio|) and their median: a burst of the host's stolen time
+    moves one round, where it would move the summed totals."""
+    if not ratios:
+        return {"round_changes": None, "median_round_change": None}
+    changes = [abs(1.0 - r) for r in ratios]
+    return {
+        "round_changes": [round(c, 4) for c in changes],
+        "median_round_change": round(statistics.median(changes), 4),
+    }
 
 
 def _child_share(pair: AnalyticsPair | None) -> float | None:
@@ -677,6 +705,7 @@ def background_record(
         got.alone_per_s if got else None,
         change=_round(change, 4),
         burner_cpu_share=got.burner_share if got else None,
+        **_round_changes(got.round_ratios if got else ()),
         click_process_cpu_share=_child_share(fresh),
         rounds=got.rounds if got else None,
         server=server,
