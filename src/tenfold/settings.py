@@ -258,14 +258,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'tenfold.db').as_posix()}"
+        return self
+
+    @model_validator(mode="after")
     def _workers_share_analytics(self) -> Settings:
         """DuckDB is one process's file (or its memory): several server processes cannot all
         write click analytics to it, so say so at start rather than lose their clicks."""
         if self.workers < 2 or "shortener" not in self.services or not self.shortener_analytics:
             return self
-        embedded = not self.database_url or self.database_url.startswith("sqlite")
-        url = self.analytics_url or ("duckdb" if embedded else self.database_url)
-        if url.lower().startswith("duckdb"):
+        if self.analytics_store_url.lower().startswith("duckdb"):
             raise ValueError(
                 "workers: more than one worker cannot share the DuckDB click analytics; "
                 "set TENFOLD_ANALYTICS_URL to a PostgreSQL URL, or TENFOLD_SHORTENER_ANALYTICS="
@@ -273,15 +277,19 @@ class Settings(BaseSettings):
             )
         return self
 
-    @model_validator(mode="after")
-    def _default_database(self) -> Settings:
-        if not self.database_url:
-            self.database_url = f"sqlite:///{(self.data_dir / 'tenfold.db').as_posix()}"
-        return self
-
     @property
     def embedded(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def analytics_store_url(self) -> str:
+        """The analytics store: as configured; else DuckDB beside SQLite, the SQL database at
+        scale."""
+        if self.analytics_url:
+            return self.analytics_url
+        if self.embedded:
+            return f"duckdb:///{(self.data_dir / 'analytics.duckdb').as_posix()}"
+        return self.database_url
 
     @property
     def should_migrate_on_serve(self) -> bool:

@@ -7,7 +7,6 @@ import base64
 import binascii
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -976,21 +975,12 @@ def verifier_for(settings: Any) -> Any:
     )
 
 
-def analytics_url(settings: Any) -> str:
-    """The analytics store: as configured; else DuckDB beside SQLite, the SQL database at scale."""
-    if settings.analytics_url:
-        return str(settings.analytics_url)
-    if settings.database_url.startswith("sqlite"):
-        return f"duckdb:///{(FsPath(settings.data_dir) / 'analytics.duckdb').as_posix()}"
-    return str(settings.database_url)
-
-
 def recorder_for(runtime: Runtime, *, in_process: bool | None = None) -> Any:
     """The click recorder: in a process of its own by default (see click_process.py)."""
     settings = runtime.settings
     if not settings.shortener_analytics:
         return None
-    url = analytics_url(settings)
+    url = settings.analytics_store_url
     separate = settings.shortener_analytics_process if in_process is None else not in_process
     if separate:
         from tenfold.shortener.click_process import ChildConfig, ClickProcess
