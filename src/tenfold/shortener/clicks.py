@@ -166,7 +166,7 @@ _FACETS = (
     ("referrer", "referrer_stats", "", 10),
 )
 SEEN_CACHE = 200_000
-SEEN_AGENTS = 1_024  # keyed hash states kept for (day, user agent) pairs, about
+MAC_STATES = 4_096  # keyed hash states kept for (day, user agent) pairs, at most
 _VISITOR_ID = struct.Struct(">q").unpack
 VISITOR_SET_SECONDS = 2 * 86_400.0  # a day's visitor set outlives its day by one more
 _EPOCH = datetime(1970, 1, 1)
@@ -500,7 +500,7 @@ class ClickRecorder(ClickBuffer):
                     n,
                 )
             )
-        if len(macs) > 4 * SEEN_AGENTS:
+        if len(macs) > MAC_STATES:
             macs.clear()
         return rows
 
@@ -537,8 +537,7 @@ class ClickRecorder(ClickBuffer):
                 await tx.insert(CLICKS, rows)
             await tx.upsert(HOURS, [(*k, c, u) for k, (c, u) in hours.items()])
             await tx.upsert(FACETS, [(*k, n) for k, n in facets.items()])
-        if self._owed:
-            self._owed.difference_update(first)
+        self._owed.difference_update(first)
         # Committed: these need no asking next time. Two generations of SEEN_CACHE / 2: when
         # the newer fills up it becomes the older, and the oldest visits are forgotten.
         known.update(dict.fromkeys(fresh))
