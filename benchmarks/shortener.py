@@ -92,6 +92,7 @@ USER_AGENTS = (
     "Chrome/124.0.0.0 Mobile Safari/537.36",
 )
 CLIENT_IPS = 16  # distinct X-Forwarded-For addresses (the server trusts 127.0.0.1)
+NEW_VISITORS = "a new visitor every request (random X-Forwarded-For in 10/8)"
 
 # wrk: rotate through pre-built requests from a few distinct clients (user agent, address,
 # referrer); building them once in init() keeps wrk's per-request cost to a table lookup.
@@ -366,53 +367,79 @@ class AnalyticsPair:
     round_ratios: tuple[float, ...] = ()  # on / off requests/s, round by round
 
 
+@dataclass
+class _Alternation:
+    """Two sides' timed runs, alternated round by round."""
+
+    requests: dict[str, int]
+    seconds: dict[str, float]
+    round_ratios: list[float]  # the first side's requests/s over the second's, each round
+
+    def per_s(self, name: str) -> float:
+        return self.requests[name] / self.seconds[name]
+
+
+def _alternate(
+    first: str, second: str, rounds: int, run: Callable[[str], WrkResult]
+) -> _Alternation:
+    """`run(side)` (a timed load, its warm-up its own business) for both sides each round, the
+    one going first alternating, so drift in the machine's load hits both alike."""
+    got = _Alternation({first: 0, second: 0}, {first: 0.0, second: 0.0}, [])
+    for r in range(rounds):
+        this_round: dict[str, float] = {}
+        for name in (first, second) if r % 2 == 0 else (second, first):
+            timed = run(name)
+            this_round[name] = timed.ops_per_s
+            got.requests[name] += timed.requests
+            got.seconds[name] += timed.requests / timed.ops_per_s if timed.ops_per_s else 0.0
+        if this_round[second]:
+            got.round_ratios.append(this_round[first] / this_round[second])
+    return got
+
+
 def analytics_pair(
     on: Side, off: Side, quick: bool, script: Path, fresh: bool = False
 ) -> AnalyticsPair:
-    """Alternating throughput runs on the analytics-on and -off servers (both up all along, so
-    drift in the machine's load hits both alike); requests/s summed over the rounds."""
+    """Alternating throughput runs on the analytics-on and -off servers (both up all along);
+    requests/s summed over the rounds."""
     seconds = bench_http.duration_s(True) if quick else ANALYTICS_SECONDS
-    rounds = 1 if quick else ANALYTICS_ROUNDS
     clicks_before = _total_clicks(on.base_url, on.code, on.key) or 0
-    totals = {"on": [0, 0.0], "off": [0, 0.0]}
     non_2xx = socket_errors = sent = 0
     child = _click_process_pid()
     child_cpu: float | None = 0.0 if child else None
-    round_ratios: list[float] = []
-    for r in range(rounds):
-        order = (("on", on), ("off", off)) if r % 2 == 0 else (("off", off), ("on", on))
-        this_round: dict[str, float] = {}
-        for name, side in order:
-            warm = clients_load(side.url, script, 1, fresh)  # warm-up, the rotation included
-            before = _cpu_seconds(child) if child and name == "on" else None
-            got = clients_load(side.url, script, seconds, fresh)
-            if child and before is not None and child_cpu is not None:
-                after = _cpu_seconds(child)
-                child_cpu = child_cpu + after - before if after is not None else None
-            if name == "on":
-                sent += warm.requests + got.requests
-            totals[name][0] += got.requests
-            totals[name][1] += got.requests / got.ops_per_s if got.ops_per_s else 0.0
-            this_round[name] = got.ops_per_s
-            non_2xx += got.non_2xx
-            socket_errors += got.socket_errors
-        if this_round["off"]:
-            round_ratios.append(this_round["on"] / this_round["off"])
+
+    def run(name: str) -> WrkResult:
+        nonlocal non_2xx, socket_errors, sent, child_cpu
+        side = on if name == "on" else off
+        warm = clients_load(side.url, script, 1, fresh)  # warm-up, the rotation included
+        before = _cpu_seconds(child) if child and name == "on" else None
+        got = clients_load(side.url, script, seconds, fresh)
+        if child and before is not None and child_cpu is not None:
+            after = _cpu_seconds(child)
+            child_cpu = child_cpu + after - before if after is not None else None
+        if name == "on":
+            sent += warm.requests + got.requests
+        non_2xx += got.non_2xx
+        socket_errors += got.socket_errors
+        return got
+
+    rounds = 1 if quick else ANALYTICS_ROUNDS
+    sides = _alternate("on", "off", rounds, run)
     time.sleep(2.5)  # the recorder flushes every second
     clicks = _total_clicks(on.base_url, on.code, on.key)
     return AnalyticsPair(
-        on_per_s=totals["on"][0] / totals["on"][1],
-        off_per_s=totals["off"][0] / totals["off"][1],
-        on_requests=int(totals["on"][0]),
-        off_requests=int(totals["off"][0]),
+        on_per_s=sides.per_s("on"),
+        off_per_s=sides.per_s("off"),
+        on_requests=sides.requests["on"],
+        off_requests=sides.requests["off"],
         clicks_sent=sent,
         clicks_recorded=None if clicks is None else clicks - clicks_before,
         non_2xx=non_2xx,
         socket_errors=socket_errors,
         rounds=rounds,
         child_cpu_s=child_cpu,
-        on_seconds=totals["on"][1],
-        round_ratios=tuple(round_ratios),
+        on_seconds=sides.seconds["on"],
+        round_ratios=tuple(sides.round_ratios),
     )
 
 
@@ -467,41 +494,34 @@ def background_pair(side: Side, share: float, quick: bool, script: Path) -> Back
     `share` of one core at the click process's niceness: what that much CPU spent on
     anything else costs this machine."""
     seconds = bench_http.duration_s(True) if quick else ANALYTICS_SECONDS
-    rounds = 1 if quick else ANALYTICS_ROUNDS
-    totals = {"alone": [0, 0.0], "beside": [0, 0.0]}
     burned = elapsed = 0.0
-    round_ratios: list[float] = []
-    for r in range(rounds):
-        this_round: dict[str, float] = {}
-        for name in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
-            clients_load(side.url, script, 1, True)
-            burner = (
-                subprocess.Popen([sys.executable, "-c", BURNER, f"{share:.4f}"])
-                if name == "beside"
-                else None
-            )
-            try:
-                before = _cpu_seconds(burner.pid) if burner else None
-                started = time.monotonic()
-                got = clients_load(side.url, script, seconds, True)
-                if burner and before is not None:
-                    burned += (_cpu_seconds(burner.pid) or before) - before
-                    elapsed += time.monotonic() - started
-            finally:
-                if burner:
-                    burner.kill()
-                    burner.wait()
-            totals[name][0] += got.requests
-            totals[name][1] += got.requests / got.ops_per_s if got.ops_per_s else 0.0
-            this_round[name] = got.ops_per_s
-        if this_round["alone"]:
-            round_ratios.append(this_round["beside"] / this_round["alone"])
+
+    def run(name: str) -> WrkResult:
+        nonlocal burned, elapsed
+        clients_load(side.url, script, 1, True)
+        if name == "alone":
+            return clients_load(side.url, script, seconds, True)
+        burner = subprocess.Popen([sys.executable, "-c", BURNER, f"{share:.4f}"])
+        try:
+            before = _cpu_seconds(burner.pid)
+            started = time.monotonic()
+            got = clients_load(side.url, script, seconds, True)
+            if before is not None:
+                burned += (_cpu_seconds(burner.pid) or before) - before
+                elapsed += time.monotonic() - started
+        finally:
+            burner.kill()
+            burner.wait()
+        return got
+
+    rounds = 1 if quick else ANALYTICS_ROUNDS
+    sides = _alternate("beside", "alone", rounds, run)
     return BackgroundPair(
-        alone_per_s=totals["alone"][0] / totals["alone"][1],
-        beside_per_s=totals["beside"][0] / totals["beside"][1],
+        alone_per_s=sides.per_s("alone"),
+        beside_per_s=sides.per_s("beside"),
         burner_share=burned / elapsed if elapsed else 0.0,
         rounds=rounds,
-        round_ratios=tuple(round_ratios),
+        round_ratios=tuple(sides.round_ratios),
     )
 
 
@@ -634,7 +654,7 @@ def analytics_record(
     ratio = pair.on_per_s / pair.off_per_s if pair else None
     change = abs(1.0 - ratio) if ratio is not None else None
     clients = (
-        "a new visitor every request (random X-Forwarded-For in 10/8)"
+        NEW_VISITORS
         if fresh
         else f"{CLIENT_IPS} addresses (X-Forwarded-For), {len(USER_AGENTS)} user agents"
     )
@@ -709,7 +729,7 @@ def background_record(
         click_process_cpu_share=_child_share(fresh),
         rounds=got.rounds if got else None,
         server=server,
-        clients="a new visitor every request (random X-Forwarded-For in 10/8)",
+        clients=NEW_VISITORS,
         config="the analytics-off server beside a niced process burning about the CPU the "
         "click analytics process used at new-visitor load: what that much CPU spent on "
         "anything else costs this machine (the peer of analytics-cost-new-visitors)",
